@@ -1,0 +1,15 @@
+//! FishChat wire types.
+//!
+//! This crate owns every message that crosses a process boundary and nothing
+//! else: it holds generated code and no logic. Today it defines the peer
+//! service that carries Raft traffic between nodes ([`peer`]); the client
+//! protocol joins it later.
+//!
+//! Promise: changing a `.proto` file here is the only way a wire format
+//! changes. Field numbers are never reused.
+
+/// Node-to-node Raft transport (`proto/peer.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod peer {
+    tonic::include_proto!("fishchat.peer.v1");
+}

@@ -1,0 +1,260 @@
+//! The sending side: one channel per peer, one openraft network per group.
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fishchat_proto::peer::raft_peer_client::RaftPeerClient;
+use fishchat_proto::peer::{peer_error, raft_reply, RaftMessage};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use super::MAX_PEER_MESSAGE_BYTES;
+use crate::codec;
+use crate::types::{GroupId, NodeId, TypeConfig};
+
+/// Why a peer RPC failed before a Raft answer came back.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The peer's address is not a valid URI.
+    #[error("bad peer address {addr:?}: {detail}")]
+    BadAddress {
+        /// The address as given in the group membership.
+        addr: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The request could not be encoded.
+    #[error("cannot encode request: {0}")]
+    Encode(String),
+    /// The reply could not be decoded.
+    #[error("cannot decode reply: {0}")]
+    Decode(String),
+    /// The gRPC call failed.
+    #[error("gRPC call failed: {0}")]
+    Status(#[from] tonic::Status),
+    /// No answer within the deadline openraft gave.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The peer refused the message before it reached the group.
+    #[error("peer refused the message ({code:?}): {message}")]
+    Refused {
+        /// The peer's error code.
+        code: peer_error::Code,
+        /// The peer's explanation.
+        message: String,
+    },
+    /// The reply held neither a payload nor an error.
+    #[error("empty reply")]
+    EmptyReply,
+}
+
+/// One gRPC channel per peer node, shared by every group of this node.
+pub struct PeerTransport {
+    channels: Mutex<HashMap<NodeId, (String, RaftPeerClient<Channel>)>>,
+    connect_timeout: Duration,
+}
+
+impl PeerTransport {
+    /// A transport whose connection attempts give up after `connect_timeout`.
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self {
+            channels: Mutex::new(HashMap::new()),
+            connect_timeout,
+        }
+    }
+
+    /// The client for `target` at `addr`, creating its channel on first use.
+    fn client(
+        &self,
+        target: NodeId,
+        addr: &str,
+    ) -> Result<RaftPeerClient<Channel>, TransportError> {
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((known, client)) = channels.get(&target) {
+            if known == addr {
+                return Ok(client.clone());
+            }
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| {
+            TransportError::BadAddress {
+                addr: addr.to_string(),
+                detail: e.to_string(),
+            }
+        })?;
+        let channel = endpoint
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let client = RaftPeerClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        channels.insert(target, (addr.to_string(), client.clone()));
+        Ok(client)
+    }
+}
+
+/// openraft's network factory for one group: every client it makes shares the
+/// node's [`PeerTransport`].
+#[derive(Clone)]
+pub(crate) struct GroupNetwork {
+    group: GroupId,
+    transport: Arc<PeerTransport>,
+}
+
+impl GroupNetwork {
+    pub(crate) fn new(group: GroupId, transport: Arc<PeerTransport>) -> Self {
+        Self { group, transport }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = GroupPeer;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> GroupPeer {
+        GroupPeer {
+            group: self.group,
+            target,
+            addr: node.addr.clone(),
+            transport: self.transport.clone(),
+        }
+    }
+}
+
+/// The RPCs of one group to one peer.
+pub(crate) struct GroupPeer {
+    group: GroupId,
+    target: NodeId,
+    addr: String,
+    transport: Arc<PeerTransport>,
+}
+
+/// Which RPC of the `RaftPeer` service to call.
+#[derive(Clone, Copy, Debug)]
+enum Rpc {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+type PeerRpcError<E> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+impl GroupPeer {
+    /// Sends `request` and decodes the group's answer.
+    async fn call<Q, P, E>(
+        &self,
+        rpc: Rpc,
+        request: &Q,
+        ttl: Duration,
+    ) -> Result<P, PeerRpcError<E>>
+    where
+        Q: Serialize,
+        P: DeserializeOwned,
+        E: Error + DeserializeOwned,
+    {
+        let payload =
+            codec::encode(request).map_err(|e| network(TransportError::Encode(e.to_string())))?;
+        let mut client = self
+            .transport
+            .client(self.target, &self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut message = tonic::Request::new(RaftMessage {
+            group_id: self.group,
+            payload,
+        });
+        message.set_timeout(ttl);
+        let sent = async {
+            match rpc {
+                Rpc::Append => client.append(message).await,
+                Rpc::Vote => client.vote(message).await,
+                Rpc::Snapshot => client.snapshot(message).await,
+            }
+        };
+        let reply = match tokio::time::timeout(ttl, sent).await {
+            Err(_) => return Err(network(TransportError::Timeout(ttl))),
+            Ok(Err(status)) => return Err(from_status(status)),
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        match reply.result {
+            Some(raft_reply::Result::Payload(bytes)) => {
+                let answer: Result<P, RaftError<NodeId, E>> = codec::decode(&bytes)
+                    .map_err(|e| network(TransportError::Decode(e.to_string())))?;
+                answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Some(raft_reply::Result::Error(refusal)) => {
+                let code = peer_error::Code::try_from(refusal.code)
+                    .unwrap_or(peer_error::Code::Unspecified);
+                let err = TransportError::Refused {
+                    code,
+                    message: refusal.message,
+                };
+                // A peer that does not host the group yet, or is stopping,
+                // will be retried after openraft's backoff.
+                match code {
+                    peer_error::Code::UnknownGroup | peer_error::Code::ShuttingDown => {
+                        Err(RPCError::Unreachable(Unreachable::new(&err)))
+                    }
+                    _ => Err(network(err)),
+                }
+            }
+            None => Err(network(TransportError::EmptyReply)),
+        }
+    }
+}
+
+fn network<E: Error>(err: TransportError) -> PeerRpcError<E> {
+    RPCError::Network(NetworkError::new(&err))
+}
+
+/// A failed connection means "back off"; anything else is worth a retry.
+fn from_status<E: Error>(status: tonic::Status) -> PeerRpcError<E> {
+    let unreachable = status.code() == tonic::Code::Unavailable;
+    let err = TransportError::Status(status);
+    if unreachable {
+        RPCError::Unreachable(Unreachable::new(&err))
+    } else {
+        network(err)
+    }
+}
+
+impl RaftNetwork<TypeConfig> for GroupPeer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, PeerRpcError<openraft::error::Infallible>> {
+        self.call(Rpc::Append, &rpc, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, PeerRpcError<InstallSnapshotError>> {
+        self.call(Rpc::Snapshot, &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, PeerRpcError<openraft::error::Infallible>> {
+        self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
+    }
+}

@@ -1,0 +1,25 @@
+//! Raft traffic between nodes, over the `RaftPeer` gRPC service of
+//! `fishchat-proto`.
+//!
+//! Every group on a node sends through one [`PeerTransport`], which keeps one
+//! lazily connected HTTP/2 channel per peer node: all groups' append-entries,
+//! votes and snapshot chunks to that peer are multiplexed over it, and tonic
+//! reconnects it after a failure. A peer that cannot be reached is reported to
+//! openraft as `Unreachable`, which makes the group back off before retrying.
+//!
+//! The receiving side, [`PeerService`], looks the group up by id and hands the
+//! decoded request to its openraft instance. A message for a group the node
+//! does not host, or one whose payload does not decode, is answered with a
+//! typed `PeerError`; it never reaches openraft and never panics.
+
+mod client;
+mod server;
+
+pub(crate) use client::GroupNetwork;
+pub use client::PeerTransport;
+pub use server::{GroupTable, PeerService};
+
+/// Largest gRPC message a node sends or accepts on the peer port. Snapshot
+/// chunks are far smaller (see `RaftTiming::snapshot_chunk_bytes`); this bounds
+/// append-entries batches of large commands.
+pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

@@ -1,0 +1,242 @@
+//! The Raft log and Raft metadata of one group, in the shared RocksDB.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{ErrorSubject, ErrorVerb, LogState, RaftLogReader, Vote};
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+
+use super::engine::{index_of_log_key, log_key, meta_key, MetaTag};
+use super::{io_error, Engine, WalSyncer, CF_LOG, CF_META};
+use crate::codec::{decode, encode};
+use crate::types::{Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
+
+/// Log storage of one group. Cheap to clone: openraft's replication tasks read
+/// the log through clones while the group's core appends to it.
+#[derive(Clone)]
+pub(crate) struct GroupLogStore {
+    group: GroupId,
+    engine: Engine,
+    syncer: WalSyncer,
+    /// Last committed index seen, for the group's status (0: none).
+    committed: Arc<AtomicU64>,
+}
+
+impl GroupLogStore {
+    /// The log of `group`; `committed` is updated as openraft reports commits.
+    pub(crate) fn new(
+        group: GroupId,
+        engine: Engine,
+        syncer: WalSyncer,
+        committed: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            group,
+            engine,
+            syncer,
+            committed,
+        }
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        tag: MetaTag,
+        subject: ErrorSubject<NodeId>,
+    ) -> Result<Option<T>, StorageError> {
+        let db = self.engine.db();
+        let bytes = db
+            .get_pinned_cf(self.engine.cf(CF_META), meta_key(self.group, tag))
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, e))?;
+        bytes
+            .map(|b| decode(&b).map_err(|e| io_error(subject, ErrorVerb::Read, e)))
+            .transpose()
+    }
+
+    fn meta_batch<T: serde::Serialize>(
+        &self,
+        tag: MetaTag,
+        value: &T,
+        subject: ErrorSubject<NodeId>,
+    ) -> Result<WriteBatch, StorageError> {
+        let bytes = encode(value).map_err(|e| io_error(subject, ErrorVerb::Write, e))?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.engine.cf(CF_META), meta_key(self.group, tag), bytes);
+        Ok(batch)
+    }
+
+    /// The last entry of the log, if any.
+    fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
+        let db = self.engine.db();
+        let mut options = ReadOptions::default();
+        options.set_iterate_lower_bound(log_key(self.group, 0).to_vec());
+        let end = log_key(self.group, u64::MAX);
+        let mut iter = db.iterator_cf_opt(
+            self.engine.cf(CF_LOG),
+            options,
+            IteratorMode::From(&end, Direction::Reverse),
+        );
+        match iter.next() {
+            None => Ok(None),
+            Some(item) => {
+                let (_, value) =
+                    item.map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let entry: Entry =
+                    decode(&value).map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                Ok(Some(entry.log_id))
+            }
+        }
+    }
+
+    /// Deletes log entries `[from, to)` of this group.
+    fn delete_range(&self, from: u64, to: u64) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.engine.cf(CF_LOG),
+            log_key(self.group, from),
+            log_key(self.group, to),
+        );
+        self.engine
+            .write(batch)
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+}
+
+impl RaftLogReader<TypeConfig> for GroupLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let db = self.engine.db();
+        let mut options = ReadOptions::default();
+        options.set_iterate_upper_bound(log_key(self.group, end).to_vec());
+        let first = log_key(self.group, start);
+        let iter = db.iterator_cf_opt(
+            self.engine.cf(CF_LOG),
+            options,
+            IteratorMode::From(&first, Direction::Forward),
+        );
+        let mut entries = Vec::new();
+        for item in iter {
+            let (key, value) =
+                item.map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let index = index_of_log_key(&key);
+            let entry: Entry = decode(&value).map_err(|e| {
+                io_error(
+                    ErrorSubject::LogIndex(index.unwrap_or(0)),
+                    ErrorVerb::Read,
+                    e,
+                )
+            })?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for GroupLogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id: Option<LogId> =
+            self.read_meta(MetaTag::Purged, ErrorSubject::Logs)?;
+        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        let batch = self.meta_batch(MetaTag::Vote, vote, ErrorSubject::Vote)?;
+        self.engine
+            .write(batch)
+            .map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        self.syncer
+            .sync()
+            .await
+            .map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, e))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.read_meta(MetaTag::Vote, ErrorSubject::Vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        if let Some(id) = &committed {
+            self.committed.store(id.index, Ordering::Relaxed);
+        }
+        let batch = self.meta_batch(MetaTag::Committed, &committed, ErrorSubject::Store)?;
+        self.engine
+            .write(batch)
+            .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, e))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        let committed: Option<Option<LogId>> =
+            self.read_meta(MetaTag::Committed, ErrorSubject::Store)?;
+        let committed = committed.flatten();
+        if let Some(id) = &committed {
+            self.committed.store(id.index, Ordering::Relaxed);
+        }
+        Ok(committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = WriteBatch::default();
+        let cf = self.engine.cf(CF_LOG);
+        for entry in entries {
+            let bytes = encode(&entry)
+                .map_err(|e| io_error(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
+            batch.put_cf(cf, log_key(self.group, entry.log_id.index), bytes);
+        }
+        // Readable now; durable once the syncer has synced the WAL.
+        self.engine
+            .write(batch)
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        self.syncer
+            .after_sync(callback)
+            .await
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Write, e))
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.delete_range(log_id.index, u64::MAX)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point first so no reader trusts a half-deleted range.
+        let batch = self.meta_batch(MetaTag::Purged, &log_id, ErrorSubject::Logs)?;
+        self.engine
+            .write(batch)
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        self.delete_range(0, log_id.index.saturating_add(1))
+    }
+}

@@ -1,0 +1,203 @@
+//! openraft's state-machine storage for one group: applies committed entries to
+//! the application's [`StateMachine`] and keeps its snapshots.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, Snapshot, SnapshotMeta};
+use rocksdb::WriteBatch;
+
+use super::engine::{state_system_key, StateTag};
+use super::snapshot::{self, CurrentSnapshot, GroupSnapshotBuilder, StoredSnapshot};
+use super::{io_error, state_data_range, Engine, CF_STATE};
+use crate::codec::{decode, encode};
+use crate::state_machine::{StateMachine, StateTxn};
+use crate::types::{
+    Entry, GroupId, LogId, NodeId, Response, StorageError, StoredMembership, TypeConfig,
+};
+
+/// The applied state of one group and the application machine that owns it.
+pub(crate) struct GroupStateStore<S> {
+    group: GroupId,
+    engine: Engine,
+    machine: S,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    current: CurrentSnapshot,
+    /// Last applied index, for the group's status (0: none).
+    applied_index: Arc<AtomicU64>,
+}
+
+impl<S: StateMachine> GroupStateStore<S> {
+    /// Opens the applied state of `group` as it is on disk.
+    pub(crate) fn open(
+        group: GroupId,
+        engine: Engine,
+        machine: S,
+        applied_index: Arc<AtomicU64>,
+    ) -> Result<Self, StorageError> {
+        let read = |tag| -> Result<Option<Vec<u8>>, StorageError> {
+            engine
+                .db()
+                .get_cf(engine.cf(CF_STATE), state_system_key(group, tag))
+                .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, e))
+        };
+        let undecodable = |e| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, e);
+        let applied: Option<LogId> = match read(StateTag::Applied)? {
+            Some(bytes) => decode(&bytes).map_err(undecodable)?,
+            None => None,
+        };
+        let membership: StoredMembership = match read(StateTag::Membership)? {
+            Some(bytes) => decode(&bytes).map_err(undecodable)?,
+            None => StoredMembership::default(),
+        };
+        applied_index.store(applied.map(|id| id.index).unwrap_or(0), Ordering::Relaxed);
+        Ok(Self {
+            group,
+            engine,
+            machine,
+            applied,
+            membership,
+            current: Arc::new(Mutex::new(None)),
+            applied_index,
+        })
+    }
+
+    /// Adds the applied log id and membership to `batch`.
+    fn record_applied(&self, batch: &mut WriteBatch) -> Result<(), StorageError> {
+        let cf = self.engine.cf(CF_STATE);
+        let failed = |e| io_error(ErrorSubject::StateMachine, ErrorVerb::Write, e);
+        batch.put_cf(
+            cf,
+            state_system_key(self.group, StateTag::Applied),
+            encode(&self.applied).map_err(failed)?,
+        );
+        batch.put_cf(
+            cf,
+            state_system_key(self.group, StateTag::Membership),
+            encode(&self.membership).map_err(failed)?,
+        );
+        Ok(())
+    }
+
+    fn builder(&self) -> GroupSnapshotBuilder {
+        GroupSnapshotBuilder {
+            group: self.group,
+            engine: self.engine.clone(),
+            current: self.current.clone(),
+        }
+    }
+}
+
+impl<S: StateMachine> RaftStateMachine<TypeConfig> for GroupStateStore<S> {
+    type SnapshotBuilder = GroupSnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut txn = StateTxn::new(self.group, &self.engine);
+        let mut responses = Vec::new();
+        for entry in entries {
+            let log_id = entry.log_id;
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Response::default()),
+                EntryPayload::Normal(command) => {
+                    let answer = self
+                        .machine
+                        .apply(&command.0, &mut txn)
+                        .map_err(|e| io_error(ErrorSubject::Apply(log_id), ErrorVerb::Write, e))?;
+                    responses.push(Response(answer));
+                }
+                EntryPayload::Membership(membership) => {
+                    self.membership = StoredMembership::new(Some(log_id), membership);
+                    responses.push(Response::default());
+                }
+            }
+            self.applied = Some(log_id);
+        }
+        let mut batch = std::mem::take(&mut txn.batch);
+        drop(txn);
+        self.record_applied(&mut batch)?;
+        self.engine
+            .write(batch)
+            .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        self.applied_index.store(
+            self.applied.map(|id| id.index).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.builder()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let data = snapshot.into_inner();
+        let mut batch = WriteBatch::default();
+        {
+            let records = snapshot::parse_records(&data)
+                .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, e))?;
+            let (start, end) = state_data_range(self.group);
+            batch.delete_range_cf(self.engine.cf(CF_STATE), start, end);
+            for (key, value) in records {
+                super::put_state(&self.engine, &mut batch, self.group, key, value);
+            }
+        }
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.record_applied(&mut batch)?;
+        // The leader counts this replica as holding everything up to the
+        // snapshot once we answer: it must survive a crash.
+        self.engine
+            .write_synced(batch)
+            .map_err(|e| io_error(subject, ErrorVerb::Write, e))?;
+        self.applied_index.store(
+            self.applied.map(|id| id.index).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        self.machine.restored();
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some(StoredSnapshot {
+                meta: meta.clone(),
+                data: Arc::new(data),
+            });
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let cached = self.current.lock().ok().and_then(|c| c.clone());
+        if let Some(stored) = cached {
+            return Ok(Some(stored.to_snapshot()));
+        }
+        if self.applied.is_none() {
+            return Ok(None);
+        }
+        // The state machine is persistent, so a snapshot of the current state
+        // is always a valid one; build it on first demand after a restart.
+        let built = snapshot::build(&self.engine, self.group)?;
+        let out = built.to_snapshot();
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some(built);
+        }
+        Ok(Some(out))
+    }
+}

@@ -1,0 +1,49 @@
+//! The openraft type configuration shared by every group.
+
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies a node of the cluster. Stable for the life of its data directory.
+pub type NodeId = u64;
+
+/// Identifies a Raft group (a shard or the meta group) across the cluster.
+pub type GroupId = u64;
+
+/// An opaque command for a group's state machine, as proposed by the application.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// What a state machine answered for one applied [`Command`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Command({} bytes)", self.0.len())
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft types for every FishChat Raft group.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A Raft log entry of any group.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A log id (term, leader, index) of any group.
+pub type LogId = openraft::LogId<NodeId>;
+/// The storage error openraft understands.
+pub type StorageError = openraft::StorageError<NodeId>;
+/// A group's membership as stored with the log id that introduced it.
+pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+/// The openraft handle of one group.
+pub type Raft = openraft::Raft<TypeConfig>;

@@ -1,0 +1,321 @@
+//! Acceptance tests of the group host: three hosts in one process, real
+//! RocksDB in temporary directories, real gRPC over loopback.
+//!
+//! The tests take turns (each holds `SERIAL`): on a two-core machine three
+//! clusters electing leaders at once would only measure the scheduler.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::{assert_holds_writes, test_timing, write, write_many, written, Cluster, COUNT_KEY};
+use fishchat_proto::peer::raft_peer_client::RaftPeerClient;
+use fishchat_proto::peer::{peer_error, raft_reply, RaftMessage};
+use fishchat_raft::{RaftTiming, Role, WriteError};
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_groups_replicate_twenty_thousand_writes_identically_on_three_hosts(
+) -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let cluster = Cluster::start(3, 16, test_timing()).await?;
+    for group in &cluster.groups {
+        let leader = cluster.leader_of(*group, LONG).await?;
+        for host in cluster.live() {
+            assert_eq!(
+                host.status(*group).and_then(|s| s.leader),
+                Some(leader as u64 + 1),
+                "every replica of group {group} agrees on its leader"
+            );
+        }
+    }
+
+    write_many(cluster.live(), &cluster.groups, 0, 20_000, 64).await?;
+
+    let digests = cluster.wait_converged(LONG).await?;
+    assert_eq!(digests.len(), 16);
+    for host in cluster.live() {
+        for group in &cluster.groups {
+            let count = host.read_local(*group, COUNT_KEY)?;
+            assert_eq!(
+                count.as_deref(),
+                Some(&b"1250"[..]),
+                "group {group} applied 20000/16 writes"
+            );
+        }
+        let sample: Vec<usize> = (0..20_000).step_by(997).collect();
+        assert_holds_writes(&host, &cluster.groups, &sample)?;
+    }
+    let stats = cluster.host(0)?.storage_stats();
+    assert!(
+        stats.writes_per_sync() > 1.0,
+        "group commit makes one WAL sync cover several writes (got {:.2})",
+        stats.writes_per_sync()
+    );
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_host_catches_up_from_its_data_directory() -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let mut cluster = Cluster::start(3, 4, test_timing()).await?;
+    write_many(cluster.live(), &cluster.groups, 0, 400, 8).await?;
+    cluster.stop(2).await?;
+
+    write_many(cluster.live(), &cluster.groups, 400, 800, 8).await?;
+    cluster.restart(2).await?;
+
+    let digests = cluster.wait_converged(LONG).await?;
+    let restarted = cluster.host(2)?;
+    for group in &cluster.groups {
+        assert_eq!(restarted.digest(*group)?.1, digests[group]);
+        assert_eq!(
+            restarted.read_local(*group, COUNT_KEY)?.as_deref(),
+            Some(&b"300"[..])
+        );
+    }
+    assert_holds_writes(&restarted, &cluster.groups, &[0, 399, 400, 1199])?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_behind_the_purged_log_receives_a_snapshot_and_converges() -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let timing = RaftTiming {
+        snapshot_every_entries: 100,
+        entries_kept_after_snapshot: 0,
+        // Small chunks, so the snapshot crosses the wire in several messages.
+        snapshot_chunk_bytes: 1024,
+        ..test_timing()
+    };
+    let mut cluster = Cluster::start(3, 1, timing).await?;
+    let group = cluster.groups[0];
+    write_many(cluster.live(), &cluster.groups, 0, 50, 4).await?;
+    cluster.wait_converged(LONG).await?;
+    let behind_at = cluster
+        .host(2)?
+        .status(group)
+        .map(|s| s.last_log_index)
+        .unwrap_or(0);
+    cluster.stop(2).await?;
+
+    write_many(cluster.live(), &cluster.groups, 50, 1000, 8).await?;
+    let leader = cluster.host(cluster.leader_of(group, LONG).await?)?;
+    let deadline = std::time::Instant::now() + LONG;
+    while leader.status(group).map(|s| s.purged).unwrap_or(0) <= behind_at {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader purges its log after a snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    cluster.restart(2).await?;
+    let digests = cluster.wait_converged(LONG).await?;
+    let restarted = cluster.host(2)?;
+    assert_eq!(restarted.digest(group)?.1, digests[&group]);
+    let status = restarted.status(group).expect("group is open");
+    assert!(
+        status.snapshot > behind_at,
+        "the lagging host installed a snapshot past its old log end ({} <= {behind_at})",
+        status.snapshot
+    );
+    assert_eq!(
+        restarted.read_local(group, COUNT_KEY)?.as_deref(),
+        Some(&b"1050"[..])
+    );
+    assert_holds_writes(&restarted, &cluster.groups, &[0, 49, 50, 1049])?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_leader_is_replaced_and_rejoins_as_a_follower() -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let mut cluster = Cluster::start(3, 2, test_timing()).await?;
+    let group = cluster.groups[0];
+    write_many(cluster.live(), &cluster.groups, 0, 100, 4).await?;
+    let old = cluster.leader_of(group, LONG).await?;
+    cluster.stop(old).await?;
+
+    let new = cluster.leader_of(group, LONG).await?;
+    assert_ne!(new, old, "another host is elected");
+    write_many(cluster.live(), &cluster.groups, 100, 200, 4).await?;
+
+    cluster.restart(old).await?;
+    cluster.wait_converged(LONG).await?;
+    let rejoined = cluster.host(old)?.status(group).expect("group is open");
+    assert_eq!(
+        rejoined.role,
+        Role::Follower,
+        "the old leader comes back as a follower"
+    );
+    assert_eq!(rejoined.leader, Some(new as u64 + 1));
+    assert_eq!(
+        cluster.host(old)?.read_local(group, COUNT_KEY)?.as_deref(),
+        Some(&b"150"[..]),
+        "it holds the writes made while it was away"
+    );
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_stopping_and_reopening_every_host() -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let mut cluster = Cluster::start(3, 4, test_timing()).await?;
+    write_many(cluster.live(), &cluster.groups, 0, 600, 16).await?;
+    for index in 0..3 {
+        cluster.stop(index).await?;
+    }
+    for index in 0..3 {
+        cluster.restart(index).await?;
+    }
+    cluster.wait_for_leaders(LONG).await?;
+    for i in 0..600 {
+        let (group, key, value) = written(&cluster.groups, i);
+        let leader = cluster.host(cluster.leader_of(group, LONG).await?)?;
+        let read = loop {
+            match leader.read(group, &key).await {
+                Ok(read) => break read,
+                // Leadership may still be settling right after the restart.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        assert_eq!(read, Some(value), "acknowledged write {i} is still there");
+    }
+    write_many(cluster.live(), &cluster.groups, 600, 40, 4).await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_a_follower_is_refused_with_the_leaders_name() -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let cluster = Cluster::start(3, 1, test_timing()).await?;
+    let group = cluster.groups[0];
+    let leader = cluster.leader_of(group, LONG).await?;
+    let follower = cluster.host((leader + 1) % 3)?;
+    let refused = follower.write(group, b"k=v".to_vec()).await;
+    match &refused {
+        Err(WriteError::NotLeader {
+            group: g,
+            leader: named,
+            leader_addr,
+        }) => {
+            assert_eq!(*g, group);
+            assert_eq!(*named, Some(leader as u64 + 1));
+            assert_eq!(
+                leader_addr.as_deref(),
+                Some(cluster.host(leader)?.peer_addr().to_string().as_str())
+            );
+        }
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+    assert!(refused.as_ref().err().is_some_and(WriteError::is_retryable));
+    assert_eq!(
+        follower.read_local(group, b"k")?,
+        None,
+        "the refused write changed nothing"
+    );
+    assert_eq!(
+        follower.write(999, b"k=v".to_vec()).await,
+        Err(WriteError::UnknownGroup(999))
+    );
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_peer_port_gets_an_error_and_groups_keep_serving() -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let cluster = Cluster::start(3, 2, test_timing()).await?;
+    let target = cluster.host(0)?;
+    let addr = target.peer_addr();
+
+    // Raw bytes that are not HTTP/2: the server drops the connection.
+    let mut raw = std::net::TcpStream::connect(addr)?;
+    raw.set_read_timeout(Some(Duration::from_secs(10)))?;
+    raw.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(4096))?;
+    let mut sink = Vec::new();
+    let closed = raw.read_to_end(&mut sink);
+    let timed_out = closed.as_ref().is_err_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    });
+    assert!(
+        !timed_out,
+        "the server ends a connection that does not speak HTTP/2 ({closed:?})"
+    );
+
+    // Well-formed gRPC carrying garbage: typed refusals, never a crash.
+    let mut client = RaftPeerClient::connect(format!("http://{addr}")).await?;
+    let cases = [
+        (
+            cluster.groups[0],
+            b"\xc1\xff not msgpack".to_vec(),
+            peer_error::Code::BadPayload,
+        ),
+        (4242, Vec::new(), peer_error::Code::UnknownGroup),
+    ];
+    for (group_id, payload, expected) in cases {
+        for reply in [
+            client
+                .append(RaftMessage {
+                    group_id,
+                    payload: payload.clone(),
+                })
+                .await?,
+            client
+                .vote(RaftMessage {
+                    group_id,
+                    payload: payload.clone(),
+                })
+                .await?,
+            client
+                .snapshot(RaftMessage {
+                    group_id,
+                    payload: payload.clone(),
+                })
+                .await?,
+        ] {
+            match reply.into_inner().result {
+                Some(raft_reply::Result::Error(e)) => {
+                    assert_eq!(e.code, expected as i32, "{}", e.message)
+                }
+                other => panic!("expected a {expected:?} refusal, got {other:?}"),
+            }
+        }
+    }
+
+    let before: BTreeMap<_, _> = cluster
+        .groups
+        .iter()
+        .map(|g| (*g, target.status(*g).map(|s| s.role)))
+        .collect();
+    assert!(
+        before.values().all(|r| r.is_some()),
+        "groups are still open"
+    );
+    for group in &cluster.groups {
+        let answer = write(&cluster.live(), *group, b"after=garbage".to_vec(), LONG).await?;
+        assert_eq!(answer, b"1");
+    }
+    cluster.wait_converged(LONG).await?;
+    cluster.shutdown().await;
+    Ok(())
+}
