@@ -70,6 +70,14 @@ pub enum WriteError {
     /// This node hosts no such group.
     #[error("this node hosts no group {0}")]
     UnknownGroup(GroupId),
+    /// The command is larger than the host accepts.
+    #[error("command of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// The command's size.
+        size: usize,
+        /// `HostConfig::max_command_bytes`.
+        limit: usize,
+    },
     /// No commit within the deadline: the write may or may not take effect.
     #[error("group {group}: write not committed within {timeout:?} (outcome unknown)")]
     Timeout {

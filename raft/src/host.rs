@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use fishchat_proto::peer::raft_peer_server::RaftPeerServer;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -22,7 +22,7 @@ use crate::state_machine::StateMachine;
 use crate::storage::{
     self, Engine, GroupLogStore, GroupStateStore, StorageStats, WalSyncer, CF_META,
 };
-use crate::types::{Command, GroupId, NodeId, Raft};
+use crate::types::{Command, GroupId, KeyValue, NodeId, Raft};
 
 /// Raft timing and log-retention settings, the same for every group of a node.
 #[derive(Clone, Debug)]
@@ -90,6 +90,9 @@ pub struct HostConfig {
     pub timing: RaftTiming,
     /// How long a write may wait for its commit before it is reported unknown.
     pub write_timeout: Duration,
+    /// Largest command accepted by [`GroupHost::write`]; keeps every
+    /// append-entries message far below the peer message limit.
+    pub max_command_bytes: usize,
 }
 
 impl HostConfig {
@@ -101,6 +104,7 @@ impl HostConfig {
             peer_listen,
             timing: RaftTiming::default(),
             write_timeout: Duration::from_secs(10),
+            max_command_bytes: 1024 * 1024,
         }
     }
 }
@@ -148,7 +152,7 @@ pub struct GroupStatus {
 /// Per-group counters the host keeps beside openraft's metrics.
 struct GroupCounters {
     committed: Arc<AtomicU64>,
-    applied: Arc<AtomicU64>,
+    applied: watch::Receiver<u64>,
 }
 
 /// The peer server task and the signal that stops it.
@@ -165,6 +169,7 @@ pub struct GroupHost {
     syncer: Mutex<Option<WalSyncer>>,
     sync_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     groups: Arc<GroupTable>,
+    opening: tokio::sync::Mutex<()>,
     counters: Mutex<BTreeMap<GroupId, GroupCounters>>,
     transport: Arc<PeerTransport>,
     peer_addr: SocketAddr,
@@ -213,6 +218,7 @@ impl GroupHost {
             syncer: Mutex::new(Some(syncer)),
             sync_thread: Mutex::new(Some(sync_thread)),
             groups,
+            opening: tokio::sync::Mutex::new(()),
             counters: Mutex::new(BTreeMap::new()),
             peer_addr,
             server: Mutex::new(Some(PeerServer { stop, task })),
@@ -259,6 +265,9 @@ impl GroupHost {
         group: GroupId,
         machine: S,
     ) -> Result<(), HostError> {
+        // One open at a time: two concurrent opens of one group would both
+        // replay its log into the same state.
+        let _opening = self.opening.lock().await;
         if self.groups.get(group).is_some() {
             return Err(HostError::GroupExists(group));
         }
@@ -268,23 +277,20 @@ impl GroupHost {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or_else(|| HostError::Stopped("host is shutting down".into()))?;
+        let (applied_tx, applied_rx) = watch::channel(0);
         let counters = GroupCounters {
             committed: Arc::new(AtomicU64::new(0)),
-            applied: Arc::new(AtomicU64::new(0)),
+            applied: applied_rx.clone(),
         };
         let log = GroupLogStore::new(
             group,
             self.engine.clone(),
             syncer,
             counters.committed.clone(),
+            applied_rx,
         );
-        let state = GroupStateStore::open(
-            group,
-            self.engine.clone(),
-            machine,
-            counters.applied.clone(),
-        )
-        .map_err(|e| HostError::Storage(e.to_string()))?;
+        let state = GroupStateStore::open(group, self.engine.clone(), machine, applied_tx)
+            .map_err(|e| HostError::Storage(e.to_string()))?;
         let network = GroupNetwork::new(group, self.transport.clone());
         let raft = Raft::new(
             self.config.node_id,
@@ -295,11 +301,7 @@ impl GroupHost {
         )
         .await
         .map_err(|e| HostError::Stopped(e.to_string()))?;
-        if !self.groups.insert(group, raft.clone()) {
-            // Lost a race with another open of the same group.
-            let _ = raft.shutdown().await;
-            return Err(HostError::GroupExists(group));
-        }
+        self.groups.insert(group, raft);
         self.counters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -313,6 +315,10 @@ impl GroupHost {
 
     /// Makes a new group with `members` (node id → peer address) as its
     /// voters. Called once, on one node, for a group that has never existed.
+    ///
+    /// The node that initialises a group stands for election at once and, in
+    /// practice, becomes its first leader: initialising each group from a
+    /// different node spreads the leaders over the cluster.
     pub async fn initialize_group(
         &self,
         group: GroupId,
@@ -343,6 +349,12 @@ impl GroupHost {
             .groups
             .get(group)
             .ok_or(WriteError::UnknownGroup(group))?;
+        if command.len() > self.config.max_command_bytes {
+            return Err(WriteError::TooLarge {
+                size: command.len(),
+                limit: self.config.max_command_bytes,
+            });
+        }
         let timeout = self.config.write_timeout;
         let written = tokio::time::timeout(timeout, raft.client_write(Command(command))).await;
         match written {
@@ -362,29 +374,33 @@ impl GroupHost {
         }
     }
 
-    /// Reads application key `key` of `group` after confirming, with a quorum,
-    /// that this node leads it and has applied everything committed before the
-    /// read began (a linearizable read).
-    pub async fn read(&self, group: GroupId, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
+    /// Returns once this node has confirmed, with a quorum, that it leads
+    /// `group` and has applied everything committed before the call began.
+    /// Local reads made after it are linearizable.
+    pub async fn linearize(&self, group: GroupId) -> Result<(), ReadError> {
         let raft = self
             .groups
             .get(group)
             .ok_or(ReadError::UnknownGroup(group))?;
         match raft.ensure_linearizable().await {
-            Ok(_) => {}
+            Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
-                return Err(ReadError::NotLeader {
+                Err(ReadError::NotLeader {
                     group,
                     leader: forward.leader_id,
                 })
             }
-            Err(e) => {
-                return Err(ReadError::Unavailable {
-                    group,
-                    detail: e.to_string(),
-                })
-            }
+            Err(e) => Err(ReadError::Unavailable {
+                group,
+                detail: e.to_string(),
+            }),
         }
+    }
+
+    /// Reads application key `key` of `group` linearizably (see
+    /// [`GroupHost::linearize`]).
+    pub async fn read(&self, group: GroupId, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
+        self.linearize(group).await?;
         self.read_local(group, key)
     }
 
@@ -395,6 +411,22 @@ impl GroupHost {
             return Err(ReadError::UnknownGroup(group));
         }
         storage::read_state(&self.engine, group, key).map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// Up to `limit` application key-value pairs of `group` with keys in
+    /// `[from, to)`, in key order, from this replica's applied state.
+    pub fn scan_local(
+        &self,
+        group: GroupId,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, ReadError> {
+        if self.groups.get(group).is_none() {
+            return Err(ReadError::UnknownGroup(group));
+        }
+        storage::scan_state(&self.engine, group, from, to, limit)
+            .map_err(|e| ReadError::Storage(e.to_string()))
     }
 
     /// The applied index of this replica and a digest of its state machine
@@ -413,10 +445,8 @@ impl GroupHost {
         let (committed, applied) = {
             let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
             let c = counters.get(&group)?;
-            (
-                c.committed.load(Ordering::Relaxed),
-                c.applied.load(Ordering::Relaxed),
-            )
+            let pair = (c.committed.load(Ordering::Relaxed), *c.applied.borrow());
+            pair
         };
         let role = match metrics.state {
             ServerState::Learner => Role::Learner,
@@ -514,17 +544,6 @@ impl GroupHost {
                 group,
                 detail: e.to_string(),
             })
-    }
-
-    /// Asks this replica to stand for election in `group` now. A replica whose
-    /// log is up to date wins and takes the leadership over: this is how
-    /// leaders are moved between nodes.
-    pub async fn campaign(&self, group: GroupId) -> Result<(), HostError> {
-        let raft = self.raft(group)?;
-        raft.trigger()
-            .elect()
-            .await
-            .map_err(|e| HostError::Stopped(e.to_string()))
     }
 
     /// Stops every group and the peer server, and waits (up to ten seconds)

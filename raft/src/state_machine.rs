@@ -30,32 +30,46 @@ pub enum ApplyError {
 /// `apply` is called once per command, in log order, and every write of the
 /// batch reaches RocksDB in one `WriteBatch` together with the new applied
 /// index. The state machine keeps its whole state in that key-value view, which
-/// is what lets the host snapshot, ship and install it without help.
+/// is what lets the host snapshot, ship and install it without help, and lets
+/// the state machine be tested against an in-memory [`StateTxn`] alone.
 ///
 /// `apply` must be deterministic: the same state and command give the same
 /// writes and response on every replica. It gets no clock, randomness or I/O of
 /// its own; anything of that kind travels inside the command.
 pub trait StateMachine: Send + Sync + 'static {
     /// Applies one committed command and returns the response for its proposer.
-    fn apply(&mut self, command: &[u8], state: &mut StateTxn<'_>) -> Result<Vec<u8>, ApplyError>;
+    fn apply(&mut self, command: &[u8], state: &mut dyn StateTxn) -> Result<Vec<u8>, ApplyError>;
 
     /// Called after a snapshot replaced the group's state, so a state machine
     /// that caches anything can drop it.
     fn restored(&mut self) {}
 }
 
-/// The key-value view a state machine reads and writes while applying a batch.
+/// The key-value view a state machine reads and writes while applying.
 ///
 /// Reads see the batch's own earlier writes. Keys are the application's own;
-/// the host prefixes them with the group id.
-pub struct StateTxn<'a> {
+/// the host keeps each group's keys apart.
+pub trait StateTxn {
+    /// The current value of `key`, including writes earlier in this batch.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ApplyError>;
+
+    /// Sets `key` to `value`.
+    fn put(&mut self, key: &[u8], value: &[u8]);
+
+    /// Removes `key`.
+    fn delete(&mut self, key: &[u8]);
+}
+
+/// The host's [`StateTxn`]: a RocksDB `WriteBatch` over the group's key range,
+/// with the batch's pending writes readable before it is written.
+pub(crate) struct ApplyTxn<'a> {
     group: GroupId,
     engine: &'a Engine,
     pub(crate) batch: WriteBatch,
     pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
-impl<'a> StateTxn<'a> {
+impl<'a> ApplyTxn<'a> {
     pub(crate) fn new(group: GroupId, engine: &'a Engine) -> Self {
         Self {
             group,
@@ -64,14 +78,10 @@ impl<'a> StateTxn<'a> {
             pending: HashMap::new(),
         }
     }
+}
 
-    /// The group being applied to.
-    pub fn group(&self) -> GroupId {
-        self.group
-    }
-
-    /// The current value of `key`, including writes earlier in this batch.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ApplyError> {
+impl StateTxn for ApplyTxn<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ApplyError> {
         if let Some(value) = self.pending.get(key) {
             return Ok(value.clone());
         }
@@ -79,14 +89,12 @@ impl<'a> StateTxn<'a> {
             .map_err(|e| ApplyError::Storage(e.to_string()))
     }
 
-    /// Sets `key` to `value`.
-    pub fn put(&mut self, key: &[u8], value: &[u8]) {
+    fn put(&mut self, key: &[u8], value: &[u8]) {
         crate::storage::put_state(self.engine, &mut self.batch, self.group, key, value);
         self.pending.insert(key.to_vec(), Some(value.to_vec()));
     }
 
-    /// Removes `key`.
-    pub fn delete(&mut self, key: &[u8]) {
+    fn delete(&mut self, key: &[u8]) {
         crate::storage::delete_state(self.engine, &mut self.batch, self.group, key);
         self.pending.insert(key.to_vec(), None);
     }

@@ -11,6 +11,9 @@ pub type NodeId = u64;
 /// Identifies a Raft group (a shard or the meta group) across the cluster.
 pub type GroupId = u64;
 
+/// One application key and its value, as a scan returns them.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// An opaque command for a group's state machine, as proposed by the application.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command(#[serde(with = "serde_bytes")] pub Vec<u8>);

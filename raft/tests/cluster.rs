@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{assert_holds_writes, test_timing, write, write_many, written, Cluster, COUNT_KEY};
 use fishchat_proto::peer::raft_peer_client::RaftPeerClient;
 use fishchat_proto::peer::{peer_error, raft_reply, RaftMessage};
-use fishchat_raft::{RaftTiming, Role, WriteError};
+use fishchat_raft::{RaftTiming, ReadError, Role, WriteError};
 use tokio::sync::Mutex;
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -29,8 +29,10 @@ async fn sixteen_groups_replicate_twenty_thousand_writes_identically_on_three_ho
 ) -> anyhow::Result<()> {
     let _turn = serial().await;
     let cluster = Cluster::start(3, 16, test_timing()).await?;
+    let mut led = [0usize; 3];
     for group in &cluster.groups {
         let leader = cluster.leader_of(*group, LONG).await?;
+        led[leader] += 1;
         for host in cluster.live() {
             assert_eq!(
                 host.status(*group).and_then(|s| s.leader),
@@ -39,6 +41,11 @@ async fn sixteen_groups_replicate_twenty_thousand_writes_identically_on_three_ho
             );
         }
     }
+
+    assert!(
+        led.iter().all(|n| *n > 0),
+        "initialising groups from different hosts spreads their leaders: {led:?}"
+    );
 
     write_many(cluster.live(), &cluster.groups, 0, 20_000, 64).await?;
 
@@ -202,7 +209,8 @@ async fn acknowledged_writes_survive_stopping_and_reopening_every_host() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_on_a_follower_is_refused_with_the_leaders_name() -> anyhow::Result<()> {
+async fn a_follower_refuses_writes_and_linearizable_reads_naming_the_leader() -> anyhow::Result<()>
+{
     let _turn = serial().await;
     let cluster = Cluster::start(3, 1, test_timing()).await?;
     let group = cluster.groups[0];
@@ -233,6 +241,44 @@ async fn a_write_on_a_follower_is_refused_with_the_leaders_name() -> anyhow::Res
     assert_eq!(
         follower.write(999, b"k=v".to_vec()).await,
         Err(WriteError::UnknownGroup(999))
+    );
+    assert_eq!(
+        follower.linearize(group).await,
+        Err(ReadError::NotLeader {
+            group,
+            leader: Some(leader as u64 + 1)
+        }),
+        "a linearizable read on a follower is refused with the leader's name"
+    );
+
+    // On the leader, reads and scans see every acknowledged write.
+    let leading = cluster.host(leader)?;
+    for key in ["s3", "s1", "s2", "s5", "s4"] {
+        leading
+            .write(group, format!("{key}={key}!").into_bytes())
+            .await?;
+    }
+    let oversized = vec![b'x'; 2 * 1024 * 1024];
+    assert_eq!(
+        leading.write(group, oversized).await,
+        Err(WriteError::TooLarge {
+            size: 2 * 1024 * 1024,
+            limit: 1024 * 1024
+        }),
+        "a command over the limit is refused before it reaches the log"
+    );
+    leading.linearize(group).await?;
+    let page = leading.scan_local(group, b"s", b"t", 3)?;
+    let keys: Vec<&[u8]> = page.iter().map(|(k, _)| k.as_slice()).collect();
+    assert_eq!(
+        keys,
+        [&b"s1"[..], b"s2", b"s3"],
+        "a scan returns keys in order, up to its limit"
+    );
+    assert_eq!(page[0].1, b"s1!");
+    assert_eq!(
+        leading.read(group, b"s5").await?.as_deref(),
+        Some(&b"s5!"[..])
     );
     cluster.shutdown().await;
     Ok(())

@@ -8,7 +8,8 @@ use std::time::Duration;
 use fishchat_proto::peer::raft_peer_client::RaftPeerClient;
 use fishchat_proto::peer::{peer_error, raft_reply, RaftMessage};
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -21,6 +22,10 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use super::MAX_PEER_MESSAGE_BYTES;
+
+/// Largest append-entries message sent in one piece; openraft splits bigger
+/// batches when told the payload is too large.
+const APPEND_BUDGET_BYTES: usize = 8 * 1024 * 1024;
 use crate::codec;
 use crate::types::{GroupId, NodeId, TypeConfig};
 
@@ -156,7 +161,7 @@ enum Rpc {
 type PeerRpcError<E> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
 impl GroupPeer {
-    /// Sends `request` and decodes the group's answer.
+    /// Encodes `request`, sends it and decodes the group's answer.
     async fn call<Q, P, E>(
         &self,
         rpc: Rpc,
@@ -168,8 +173,21 @@ impl GroupPeer {
         P: DeserializeOwned,
         E: Error + DeserializeOwned,
     {
-        let payload =
-            codec::encode(request).map_err(|e| network(TransportError::Encode(e.to_string())))?;
+        let payload = encode(request).map_err(network)?;
+        self.send(rpc, payload, ttl).await
+    }
+
+    /// Sends an encoded request and decodes the group's answer.
+    async fn send<P, E>(
+        &self,
+        rpc: Rpc,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<P, PeerRpcError<E>>
+    where
+        P: DeserializeOwned,
+        E: Error + DeserializeOwned,
+    {
         let mut client = self
             .transport
             .client(self.target, &self.addr)
@@ -218,6 +236,10 @@ impl GroupPeer {
     }
 }
 
+fn encode<Q: Serialize>(request: &Q) -> Result<Vec<u8>, TransportError> {
+    codec::encode(request).map_err(|e| TransportError::Encode(e.to_string()))
+}
+
 fn network<E: Error>(err: TransportError) -> PeerRpcError<E> {
     RPCError::Network(NetworkError::new(&err))
 }
@@ -239,7 +261,15 @@ impl RaftNetwork<TypeConfig> for GroupPeer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, PeerRpcError<openraft::error::Infallible>> {
-        self.call(Rpc::Append, &rpc, option.hard_ttl()).await
+        let payload = encode(&rpc).map_err(network)?;
+        let entries = rpc.entries.len() as u64;
+        if payload.len() > APPEND_BUDGET_BYTES && entries > 1 {
+            // Too big for one message: openraft retries with fewer entries.
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(entries / 2),
+            ));
+        }
+        self.send(Rpc::Append, payload, option.hard_ttl()).await
     }
 
     async fn install_snapshot(

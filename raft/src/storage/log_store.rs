@@ -8,6 +8,7 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogState, RaftLogReader, Vote};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+use tokio::sync::watch;
 
 use super::engine::{index_of_log_key, log_key, meta_key, MetaTag};
 use super::{io_error, Engine, WalSyncer, CF_LOG, CF_META};
@@ -23,21 +24,26 @@ pub(crate) struct GroupLogStore {
     syncer: WalSyncer,
     /// Last committed index seen, for the group's status (0: none).
     committed: Arc<AtomicU64>,
+    /// The group's applied index: a purge waits until it covers the purge.
+    applied: watch::Receiver<u64>,
 }
 
 impl GroupLogStore {
-    /// The log of `group`; `committed` is updated as openraft reports commits.
+    /// The log of `group`; `committed` is updated as openraft reports commits,
+    /// `applied` is the group's applied index.
     pub(crate) fn new(
         group: GroupId,
         engine: Engine,
         syncer: WalSyncer,
         committed: Arc<AtomicU64>,
+        applied: watch::Receiver<u64>,
     ) -> Self {
         Self {
             group,
             engine,
             syncer,
             committed,
+            applied,
         }
     }
 
@@ -55,16 +61,17 @@ impl GroupLogStore {
             .transpose()
     }
 
-    fn meta_batch<T: serde::Serialize>(
+    /// Adds a put of metadata record `tag` to `batch`.
+    fn put_meta<T: serde::Serialize>(
         &self,
+        batch: &mut WriteBatch,
         tag: MetaTag,
         value: &T,
         subject: ErrorSubject<NodeId>,
-    ) -> Result<WriteBatch, StorageError> {
+    ) -> Result<(), StorageError> {
         let bytes = encode(value).map_err(|e| io_error(subject, ErrorVerb::Write, e))?;
-        let mut batch = WriteBatch::default();
         batch.put_cf(self.engine.cf(CF_META), meta_key(self.group, tag), bytes);
-        Ok(batch)
+        Ok(())
     }
 
     /// The last entry of the log, if any.
@@ -90,17 +97,15 @@ impl GroupLogStore {
         }
     }
 
-    /// Deletes log entries `[from, to)` of this group.
-    fn delete_range(&self, from: u64, to: u64) -> Result<(), StorageError> {
+    /// A batch deleting log entries `[from, to)` of this group.
+    fn delete_batch(&self, from: u64, to: u64) -> WriteBatch {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
             self.engine.cf(CF_LOG),
             log_key(self.group, from),
             log_key(self.group, to),
         );
-        self.engine
-            .write(batch)
-            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        batch
     }
 }
 
@@ -155,7 +160,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> =
             self.read_meta(MetaTag::Purged, ErrorSubject::Logs)?;
-        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        let last_log_id = self.last_entry_id()?.max(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -167,7 +172,8 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        let batch = self.meta_batch(MetaTag::Vote, vote, ErrorSubject::Vote)?;
+        let mut batch = WriteBatch::default();
+        self.put_meta(&mut batch, MetaTag::Vote, vote, ErrorSubject::Vote)?;
         self.engine
             .write(batch)
             .map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, e))?;
@@ -185,7 +191,13 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         if let Some(id) = &committed {
             self.committed.store(id.index, Ordering::Relaxed);
         }
-        let batch = self.meta_batch(MetaTag::Committed, &committed, ErrorSubject::Store)?;
+        let mut batch = WriteBatch::default();
+        self.put_meta(
+            &mut batch,
+            MetaTag::Committed,
+            &committed,
+            ErrorSubject::Store,
+        )?;
         self.engine
             .write(batch)
             .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, e))
@@ -228,15 +240,28 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.delete_range(log_id.index, u64::MAX)
+        self.engine
+            .write(self.delete_batch(log_id.index, u64::MAX))
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point first so no reader trusts a half-deleted range.
-        let batch = self.meta_batch(MetaTag::Purged, &log_id, ErrorSubject::Logs)?;
+        // openraft purges right after queueing a snapshot install, before the
+        // install is written. Purging first could leave, after a crash, a log
+        // that starts past the applied state: wait until the state covers it.
+        let mut applied = self.applied.clone();
+        let covered = applied.wait_for(|index| *index >= log_id.index).await;
+        if covered.is_err() {
+            return Err(io_error(
+                ErrorSubject::Logs,
+                ErrorVerb::Delete,
+                "state machine stopped before the purge was covered",
+            ));
+        }
+        let mut batch = self.delete_batch(0, log_id.index.saturating_add(1));
+        self.put_meta(&mut batch, MetaTag::Purged, &log_id, ErrorSubject::Logs)?;
         self.engine
             .write(batch)
-            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        self.delete_range(0, log_id.index.saturating_add(1))
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 }

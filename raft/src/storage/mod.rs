@@ -60,6 +60,31 @@ pub(crate) fn read_state(
         .get_cf(engine.cf(CF_STATE), engine::state_data_key(group, key))
 }
 
+/// Up to `limit` application pairs of `group` with keys in `[from, to)`.
+pub(crate) fn scan_state(
+    engine: &Engine,
+    group: crate::GroupId,
+    from: &[u8],
+    to: &[u8],
+    limit: usize,
+) -> Result<Vec<crate::KeyValue>, rocksdb::Error> {
+    let start = engine::state_data_key(group, from);
+    let mut options = rocksdb::ReadOptions::default();
+    options.set_iterate_upper_bound(engine::state_data_key(group, to));
+    let prefix = start.len() - from.len();
+    let mut pairs = Vec::new();
+    let iter = engine.db().iterator_cf_opt(
+        engine.cf(CF_STATE),
+        options,
+        rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+    );
+    for item in iter.take(limit) {
+        let (key, value) = item?;
+        pairs.push((key[prefix..].to_vec(), value.to_vec()));
+    }
+    Ok(pairs)
+}
+
 /// Adds a put of application key `key` of `group` to `batch`.
 pub(crate) fn put_state(
     engine: &Engine,

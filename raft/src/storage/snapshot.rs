@@ -6,6 +6,7 @@
 //! id and membership travel beside it in openraft's `SnapshotMeta`. openraft
 //! sends the bytes to a follower in chunks of `snapshot_max_chunk_size`.
 
+use std::hash::Hasher;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -37,6 +38,19 @@ impl StoredSnapshot {
 /// The snapshot of one group most recently built or installed.
 pub(crate) type CurrentSnapshot = Arc<Mutex<Option<StoredSnapshot>>>;
 
+/// Makes `candidate` the current snapshot unless a newer one is there already
+/// (a build that started before an install may finish after it).
+pub(crate) fn keep_newest(current: &CurrentSnapshot, candidate: StoredSnapshot) {
+    let mut current = current.lock().unwrap_or_else(|p| p.into_inner());
+    let newer = match current.as_ref() {
+        Some(kept) => candidate.meta.last_log_id >= kept.meta.last_log_id,
+        None => true,
+    };
+    if newer {
+        *current = Some(candidate);
+    }
+}
+
 /// Builds snapshots of one group from a consistent view of the database.
 pub(crate) struct GroupSnapshotBuilder {
     pub(crate) group: GroupId,
@@ -51,9 +65,7 @@ impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
             .await
             .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))??;
         let snapshot = built.to_snapshot();
-        if let Ok(mut current) = self.current.lock() {
-            *current = Some(built);
-        }
+        keep_newest(&self.current, built);
         Ok(snapshot)
     }
 }
@@ -156,15 +168,12 @@ pub(crate) fn digest(engine: &Engine, group: GroupId) -> Result<(u64, u64), Stor
     Ok((index, fnv1a64(&built.data)))
 }
 
-/// 64-bit FNV-1a: tiny, stable across builds and platforms, and good enough
-/// to tell replicas apart (this is a consistency check, not a security one).
+/// 64-bit FNV-1a: stable across builds and platforms, and good enough to tell
+/// replicas apart (this is a consistency check, not a security one).
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
+    let mut hasher = fnv::FnvHasher::default();
+    hasher.write(bytes);
+    hasher.finish()
 }
 
 #[cfg(test)]

@@ -2,18 +2,18 @@
 //! the application's [`StateMachine`] and keeps its snapshots.
 
 use std::io::Cursor;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, Snapshot, SnapshotMeta};
 use rocksdb::WriteBatch;
+use tokio::sync::watch;
 
 use super::engine::{state_system_key, StateTag};
 use super::snapshot::{self, CurrentSnapshot, GroupSnapshotBuilder, StoredSnapshot};
 use super::{io_error, state_data_range, Engine, CF_STATE};
 use crate::codec::{decode, encode};
-use crate::state_machine::{StateMachine, StateTxn};
+use crate::state_machine::{ApplyTxn, StateMachine};
 use crate::types::{
     Entry, GroupId, LogId, NodeId, Response, StorageError, StoredMembership, TypeConfig,
 };
@@ -26,8 +26,9 @@ pub(crate) struct GroupStateStore<S> {
     applied: Option<LogId>,
     membership: StoredMembership,
     current: CurrentSnapshot,
-    /// Last applied index, for the group's status (0: none).
-    applied_index: Arc<AtomicU64>,
+    /// Last applied index (0: none), watched by the group's status and by
+    /// log purges, which must not run ahead of it.
+    applied_index: watch::Sender<u64>,
 }
 
 impl<S: StateMachine> GroupStateStore<S> {
@@ -36,7 +37,7 @@ impl<S: StateMachine> GroupStateStore<S> {
         group: GroupId,
         engine: Engine,
         machine: S,
-        applied_index: Arc<AtomicU64>,
+        applied_index: watch::Sender<u64>,
     ) -> Result<Self, StorageError> {
         let read = |tag| -> Result<Option<Vec<u8>>, StorageError> {
             engine
@@ -53,7 +54,7 @@ impl<S: StateMachine> GroupStateStore<S> {
             Some(bytes) => decode(&bytes).map_err(undecodable)?,
             None => StoredMembership::default(),
         };
-        applied_index.store(applied.map(|id| id.index).unwrap_or(0), Ordering::Relaxed);
+        applied_index.send_replace(applied.map(|id| id.index).unwrap_or(0));
         Ok(Self {
             group,
             engine,
@@ -103,7 +104,7 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for GroupStateStore<S> {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut txn = StateTxn::new(self.group, &self.engine);
+        let mut txn = ApplyTxn::new(self.group, &self.engine);
         let mut responses = Vec::new();
         for entry in entries {
             let log_id = entry.log_id;
@@ -129,10 +130,8 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for GroupStateStore<S> {
         self.engine
             .write(batch)
             .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        self.applied_index.store(
-            self.applied.map(|id| id.index).unwrap_or(0),
-            Ordering::Relaxed,
-        );
+        self.applied_index
+            .send_replace(self.applied.map(|id| id.index).unwrap_or(0));
         Ok(responses)
     }
 
@@ -169,35 +168,23 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for GroupStateStore<S> {
         self.engine
             .write_synced(batch)
             .map_err(|e| io_error(subject, ErrorVerb::Write, e))?;
-        self.applied_index.store(
-            self.applied.map(|id| id.index).unwrap_or(0),
-            Ordering::Relaxed,
-        );
+        self.applied_index
+            .send_replace(self.applied.map(|id| id.index).unwrap_or(0));
         self.machine.restored();
-        if let Ok(mut current) = self.current.lock() {
-            *current = Some(StoredSnapshot {
+        snapshot::keep_newest(
+            &self.current,
+            StoredSnapshot {
                 meta: meta.clone(),
                 data: Arc::new(data),
-            });
-        }
+            },
+        );
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        // Nothing cached after a restart: openraft builds a snapshot itself
+        // when its log has been purged, and needs none otherwise.
         let cached = self.current.lock().ok().and_then(|c| c.clone());
-        if let Some(stored) = cached {
-            return Ok(Some(stored.to_snapshot()));
-        }
-        if self.applied.is_none() {
-            return Ok(None);
-        }
-        // The state machine is persistent, so a snapshot of the current state
-        // is always a valid one; build it on first demand after a restart.
-        let built = snapshot::build(&self.engine, self.group)?;
-        let out = built.to_snapshot();
-        if let Ok(mut current) = self.current.lock() {
-            *current = Some(built);
-        }
-        Ok(Some(out))
+        Ok(cached.map(|stored| stored.to_snapshot()))
     }
 }

@@ -24,7 +24,7 @@ pub struct KvMachine;
 pub const COUNT_KEY: &[u8] = b"__writes";
 
 impl StateMachine for KvMachine {
-    fn apply(&mut self, command: &[u8], state: &mut StateTxn<'_>) -> Result<Vec<u8>, ApplyError> {
+    fn apply(&mut self, command: &[u8], state: &mut dyn StateTxn) -> Result<Vec<u8>, ApplyError> {
         let Some(split) = command.iter().position(|b| *b == b'=') else {
             return Ok(b"error: expected key=value".to_vec());
         };
@@ -92,9 +92,11 @@ impl Cluster {
             .enumerate()
             .map(|(i, addr)| (i as u64 + 1, addr.to_string()))
             .collect();
-        let first = cluster.host(0)?;
+        // Each group is initialised by a different host, which spreads the
+        // first leaders over the cluster.
         for group in &cluster.groups {
-            first.initialize_group(*group, &members).await?;
+            let initializer = cluster.host((*group as usize - 1) % nodes)?;
+            initializer.initialize_group(*group, &members).await?;
         }
         cluster.wait_for_leaders(Duration::from_secs(30)).await?;
         Ok(cluster)
