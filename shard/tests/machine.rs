@@ -1,0 +1,304 @@
+//! The chat state machine on its own: every command applied to an in-memory
+//! key-value state, with no Raft, RocksDB or network.
+
+use std::collections::BTreeMap;
+
+use fishchat_raft::{ApplyError, StateMachine, StateTxn};
+use fishchat_shard::{
+    decode_entry, inbox_range, latest_version_key, ChatMachine, Command, CommandError, Delivery,
+    InboxEntry, Reply, ShardId, ShardMap, UserId,
+};
+
+/// A shard's key-value state in memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct MemoryState(BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl StateTxn for MemoryState {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ApplyError> {
+        Ok(self.0.get(key).cloned())
+    }
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.0.insert(key.to_vec(), value.to_vec());
+    }
+    fn delete(&mut self, key: &[u8]) {
+        self.0.remove(key);
+    }
+}
+
+impl MemoryState {
+    /// What a sync of `user` since `since` reads.
+    fn inbox(&self, user: UserId, since: u64) -> Vec<InboxEntry> {
+        let (from, to) = inbox_range(user, since);
+        self.0
+            .range(from..to)
+            .map(|(_, v)| decode_entry(v).expect("stored entries decode"))
+            .collect()
+    }
+
+    fn latest(&self, user: UserId) -> u64 {
+        self.0
+            .get(&latest_version_key(user))
+            .map(|b| u64::from_be_bytes(b.as_slice().try_into().expect("8 bytes")))
+            .unwrap_or(0)
+    }
+
+    /// The outbox items waiting for delivery, in item order.
+    fn outbox(&self) -> Vec<Delivery> {
+        self.0
+            .range(b"o".to_vec()..b"p".to_vec())
+            .map(|(_, v)| rmp_serde::from_slice(v).expect("outbox items decode"))
+            .collect()
+    }
+}
+
+/// One shard of a cluster of `SHARDS`, with its state.
+struct Shard {
+    id: ShardId,
+    machine: ChatMachine,
+    state: MemoryState,
+}
+
+const SHARDS: u32 = 4;
+
+fn map() -> ShardMap {
+    ShardMap::new(SHARDS).expect("non-zero")
+}
+
+impl Shard {
+    fn new(id: ShardId) -> Self {
+        Self {
+            id,
+            machine: ChatMachine::new(id, map()),
+            state: MemoryState::default(),
+        }
+    }
+
+    fn apply(&mut self, command: &Command) -> Reply {
+        self.apply_bytes(&command.encode())
+    }
+
+    fn apply_bytes(&mut self, bytes: &[u8]) -> Reply {
+        let answer = self
+            .machine
+            .apply(bytes, &mut self.state)
+            .expect("in-memory state does not fail");
+        Reply::decode(&answer).expect("replies decode")
+    }
+
+    /// Registers a user whose name hashes to this shard; returns its id.
+    fn register(&mut self, hint: &str) -> UserId {
+        let name = name_in_shard(self.id, hint);
+        match self.apply(&register(&name)) {
+            Reply::Registered { user_id } => user_id,
+            other => panic!("register {name}: {other:?}"),
+        }
+    }
+}
+
+fn name_in_shard(shard: ShardId, hint: &str) -> String {
+    (0..)
+        .map(|i| format!("{hint}{i}"))
+        .find(|name| map().shard_of_username(name) == shard)
+        .expect("some name hashes to every shard")
+}
+
+fn register(name: &str) -> Command {
+    Command::Register {
+        username: name.into(),
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+        now_ms: 1_000,
+    }
+}
+
+fn send(sender: UserId, client_msg_id: &str, recipient: UserId, body: &str) -> Command {
+    Command::Send {
+        sender,
+        client_msg_id: client_msg_id.into(),
+        recipient,
+        body: body.as_bytes().to_vec(),
+        content_type: "text/plain".into(),
+        now_ms: 2_000,
+    }
+}
+
+#[test]
+fn registering_assigns_an_id_the_shard_owns_and_refuses_a_taken_name_in_any_case() {
+    let mut shard = Shard::new(2);
+    let name = name_in_shard(2, "alice");
+    let Reply::Registered { user_id } = shard.apply(&register(&name)) else {
+        panic!("first registration succeeds");
+    };
+    assert_eq!(map().shard_of_user(user_id), 2);
+
+    let before = shard.state.clone();
+    assert_eq!(
+        shard.apply(&register(&name.to_uppercase())),
+        Reply::Refused(CommandError::UsernameTaken)
+    );
+    assert_eq!(
+        shard.state, before,
+        "a refused registration changes nothing"
+    );
+
+    let second = shard.register("bob");
+    assert_ne!(second, user_id, "ids are never reused");
+}
+
+#[test]
+fn sends_get_gap_free_versions_in_commit_order() {
+    let mut shard = Shard::new(1);
+    let alice = shard.register("alice");
+    let bob = shard.register("bob");
+    for i in 0..500 {
+        match shard.apply(&send(alice, &format!("m{i}"), bob, &format!("hello {i}"))) {
+            Reply::Sent {
+                version, duplicate, ..
+            } => {
+                assert_eq!(version, i + 1);
+                assert!(!duplicate);
+            }
+            other => panic!("send {i}: {other:?}"),
+        }
+    }
+    let inbox = shard.state.inbox(bob, 0);
+    assert_eq!(inbox.len(), 500);
+    for (i, entry) in inbox.iter().enumerate() {
+        assert_eq!(entry.version, i as u64 + 1);
+        assert_eq!(entry.body, format!("hello {i}").into_bytes());
+        assert_eq!((entry.from, entry.to), (alice, bob));
+    }
+    assert_eq!(shard.state.latest(bob), 500);
+    assert_eq!(
+        shard.state.inbox(bob, 498).len(),
+        2,
+        "sync since 498 returns 499 and 500"
+    );
+    // Alice lives in the same shard: her copies are in her inbox, in order.
+    let sent = shard.state.inbox(alice, 0);
+    assert_eq!(sent.len(), 500);
+    assert!(sent
+        .iter()
+        .zip(&inbox)
+        .all(|(copy, original)| copy.message_id == original.message_id));
+}
+
+#[test]
+fn a_retried_send_returns_the_first_result_and_stores_nothing_new() {
+    let mut shard = Shard::new(0);
+    let alice = shard.register("alice");
+    let bob = shard.register("bob");
+    let first = shard.apply(&send(alice, "same-id", bob, "once"));
+    let state_after_first = shard.state.clone();
+    let retry = shard.apply(&send(alice, "same-id", bob, "once"));
+    match (first, retry) {
+        (
+            Reply::Sent {
+                message_id,
+                version,
+                timestamp_ms,
+                duplicate: false,
+            },
+            Reply::Sent {
+                message_id: m2,
+                version: v2,
+                timestamp_ms: t2,
+                duplicate: true,
+            },
+        ) => assert_eq!((message_id, version, timestamp_ms), (m2, v2, t2)),
+        other => panic!("expected a send and its duplicate, got {other:?}"),
+    }
+    assert_eq!(shard.state, state_after_first, "the retry wrote nothing");
+    assert_eq!(shard.state.inbox(bob, 0).len(), 1);
+}
+
+#[test]
+fn a_sender_in_another_shard_gets_its_copy_through_the_outbox_exactly_once() {
+    let mut bobs = Shard::new(1);
+    let mut alices = Shard::new(3);
+    let bob = bobs.register("bob");
+    let alice = alices.register("alice");
+
+    let Reply::Sent { message_id, .. } = bobs.apply(&send(alice, "c1", bob, "hi bob")) else {
+        panic!("send succeeds");
+    };
+    assert!(
+        bobs.state.inbox(alice, 0).is_empty(),
+        "alice's inbox is not in bob's shard"
+    );
+    let outbox = bobs.state.outbox();
+    assert_eq!(outbox.len(), 1);
+    let delivery = outbox[0].clone();
+    assert_eq!((delivery.source, delivery.owner), (1, alice));
+
+    // Delivered twice (a retry after a lost acknowledgement): one copy.
+    for _ in 0..2 {
+        assert_eq!(
+            alices.apply(&Command::Deliver(delivery.clone())),
+            Reply::Delivered
+        );
+    }
+    let copies = alices.state.inbox(alice, 0);
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].message_id, message_id);
+    assert_eq!(copies[0].version, 1);
+    assert_eq!((copies[0].from, copies[0].to), (alice, bob));
+
+    assert_eq!(
+        bobs.apply(&Command::OutboxDone {
+            items: vec![delivery.item]
+        }),
+        Reply::Forgotten
+    );
+    assert!(
+        bobs.state.outbox().is_empty(),
+        "a delivered item leaves the outbox"
+    );
+}
+
+#[test]
+fn invalid_commands_are_refused_with_their_reason_and_change_nothing() {
+    let mut shard = Shard::new(0);
+    let alice = shard.register("alice");
+    let elsewhere = map().id_in_shard(1, 1);
+    let nobody = map().id_in_shard(0, 999);
+    let cases: Vec<(Vec<u8>, CommandError)> = vec![
+        (
+            send(alice, "x", nobody, "hi").encode(),
+            CommandError::UnknownUser(nobody),
+        ),
+        (
+            send(alice, "", alice, "hi").encode(),
+            CommandError::InvalidClientMessageId,
+        ),
+        (
+            send(alice, &"x".repeat(129), alice, "hi").encode(),
+            CommandError::InvalidClientMessageId,
+        ),
+        (
+            register("no spaces allowed").encode(),
+            CommandError::InvalidUsername,
+        ),
+        (register("").encode(), CommandError::InvalidUsername),
+        (
+            register(&"a".repeat(33)).encode(),
+            CommandError::InvalidUsername,
+        ),
+    ];
+    let before = shard.state.clone();
+    for (bytes, expected) in cases {
+        assert_eq!(shard.apply_bytes(&bytes), Reply::Refused(expected));
+    }
+    assert!(matches!(
+        shard.apply(&send(alice, "x", elsewhere, "hi")),
+        Reply::Refused(CommandError::WrongShard { shard: 0, .. })
+    ));
+    assert!(matches!(
+        shard.apply(&register(&name_in_shard(1, "carol"))),
+        Reply::Refused(CommandError::WrongShard { .. })
+    ));
+    assert!(matches!(
+        shard.apply_bytes(b"\xc1 not a command"),
+        Reply::Refused(CommandError::Malformed(_))
+    ));
+    assert_eq!(shard.state, before, "no refused command changed the state");
+}
