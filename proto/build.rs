@@ -4,7 +4,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
-    tonic_prost_build::configure().compile_protos(&["proto/peer.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/peer.proto", "proto/client.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! FishChat wire types.
 //!
 //! This crate owns every message that crosses a process boundary and nothing
-//! else: it holds generated code and no logic. Today it defines the peer
-//! service that carries Raft traffic between nodes ([`peer`]); the client
-//! protocol joins it later.
+//! else: it holds generated code and no logic. It defines the peer service
+//! that carries Raft traffic between nodes ([`peer`]) and the client protocol
+//! spoken over QUIC ([`client`], documented in `docs/protocol.md`).
 //!
 //! Promise: changing a `.proto` file here is the only way a wire format
 //! changes. Field numbers are never reused.
@@ -12,4 +12,10 @@
 #[allow(missing_docs, clippy::all)]
 pub mod peer {
     tonic::include_proto!("fishchat.peer.v1");
+}
+
+/// The client protocol over QUIC (`proto/client.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod client {
+    tonic::include_proto!("fishchat.client.v1");
 }
