@@ -75,7 +75,7 @@ pub enum WriteError {
     TooLarge {
         /// The command's size.
         size: usize,
-        /// `HostConfig::max_command_bytes`.
+        /// `HostConfig::max_command_bytes` (0 when a peer refused it).
         limit: usize,
     },
     /// No commit within the deadline: the write may or may not take effect.
@@ -85,6 +85,17 @@ pub enum WriteError {
         group: GroupId,
         /// The deadline.
         timeout: Duration,
+    },
+    /// A forwarded write got no answer from `node`: it may or may not take
+    /// effect, like a timeout.
+    #[error("group {group}: node {node} did not answer a forwarded write: {detail}")]
+    Unreachable {
+        /// The group.
+        group: GroupId,
+        /// The node the write was forwarded to.
+        node: NodeId,
+        /// What failed.
+        detail: String,
     },
     /// The group stopped (shutdown, or a fatal storage error).
     #[error("group {group} stopped: {detail}")]
@@ -99,7 +110,10 @@ pub enum WriteError {
 impl WriteError {
     /// True when the same write may succeed if sent again, here or elsewhere.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::NotLeader { .. } | Self::Timeout { .. })
+        matches!(
+            self,
+            Self::NotLeader { .. } | Self::Timeout { .. } | Self::Unreachable { .. }
+        )
     }
 }
 
@@ -107,12 +121,14 @@ impl WriteError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
     /// A linearizable read must go to the leader; `leader` when known.
-    #[error("group {group}: not the leader (leader: {leader:?})")]
+    #[error("group {group}: not the leader (leader: {leader:?} at {leader_addr:?})")]
     NotLeader {
         /// The group.
         group: GroupId,
         /// The current leader, when known.
         leader: Option<NodeId>,
+        /// The leader's peer address, when known.
+        leader_addr: Option<String>,
     },
     /// This node hosts no such group.
     #[error("this node hosts no group {0}")]

@@ -8,21 +8,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fishchat_proto::peer::raft_peer_server::RaftPeerServer;
-use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::{HostError, ReadError, WriteError};
-use crate::network::{
-    GroupNetwork, GroupTable, PeerService, PeerTransport, MAX_PEER_MESSAGE_BYTES,
-};
+use crate::local::{LocalGroups, WriteLimits};
+use crate::network::{GroupNetwork, PeerService, PeerTransport, MAX_PEER_MESSAGE_BYTES};
 use crate::state_machine::StateMachine;
 use crate::storage::{
     self, Engine, GroupLogStore, GroupStateStore, StorageStats, WalSyncer, CF_META,
 };
-use crate::types::{Command, GroupId, KeyValue, NodeId, Raft};
+use crate::types::{GroupId, KeyValue, NodeId, Raft};
 
 /// Raft timing and log-retention settings, the same for every group of a node.
 #[derive(Clone, Debug)]
@@ -165,10 +164,9 @@ struct PeerServer {
 pub struct GroupHost {
     config: HostConfig,
     raft_config: Arc<Config>,
-    engine: Engine,
     syncer: Mutex<Option<WalSyncer>>,
     sync_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    groups: Arc<GroupTable>,
+    local: Arc<LocalGroups>,
     opening: tokio::sync::Mutex<()>,
     counters: Mutex<BTreeMap<GroupId, GroupCounters>>,
     transport: Arc<PeerTransport>,
@@ -180,6 +178,10 @@ impl GroupHost {
     /// Opens the node's storage and starts serving peers. Groups are opened
     /// one by one with [`GroupHost::open_group`].
     pub async fn start(config: HostConfig) -> Result<Self, HostError> {
+        if config.node_id == 0 {
+            // 0 means "unknown" in leader hints on the wire.
+            return Err(HostError::Config("node ids start at 1".into()));
+        }
         let raft_config = Arc::new(config.timing.openraft_config()?);
         std::fs::create_dir_all(&config.data_dir).map_err(|e| HostError::Storage(e.to_string()))?;
         let engine = Engine::open(&config.data_dir.join("rocksdb"))
@@ -196,8 +198,14 @@ impl GroupHost {
             addr: config.peer_listen,
             source,
         })?;
-        let groups = Arc::new(GroupTable::default());
-        let service = RaftPeerServer::new(PeerService::new(groups.clone()))
+        let local = Arc::new(LocalGroups::new(
+            engine.clone(),
+            WriteLimits {
+                timeout: config.write_timeout,
+                max_command_bytes: config.max_command_bytes,
+            },
+        ));
+        let service = RaftPeerServer::new(PeerService::new(local.clone()))
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -214,10 +222,9 @@ impl GroupHost {
             transport: Arc::new(PeerTransport::new(config.timing.election_min)),
             config,
             raft_config,
-            engine,
             syncer: Mutex::new(Some(syncer)),
             sync_thread: Mutex::new(Some(sync_thread)),
-            groups,
+            local,
             opening: tokio::sync::Mutex::new(()),
             counters: Mutex::new(BTreeMap::new()),
             peer_addr,
@@ -235,16 +242,29 @@ impl GroupHost {
         self.peer_addr
     }
 
+    /// How long a write may take before its outcome is reported unknown.
+    pub(crate) fn write_timeout(&self) -> Duration {
+        self.config.write_timeout
+    }
+
+    /// The node's connections to its peers.
+    pub(crate) fn transport(&self) -> &PeerTransport {
+        &self.transport
+    }
+
     /// Group-commit counters of this node's storage.
     pub fn storage_stats(&self) -> Arc<StorageStats> {
-        self.engine.stats().clone()
+        self.local.engine().stats().clone()
     }
 
     /// The groups this node has Raft state for on disk, whether open or not.
     pub fn stored_groups(&self) -> Result<Vec<GroupId>, HostError> {
-        let db = self.engine.db();
+        let db = self.local.engine().db();
         let mut groups = BTreeSet::new();
-        for item in db.iterator_cf(self.engine.cf(CF_META), rocksdb::IteratorMode::Start) {
+        for item in db.iterator_cf(
+            self.local.engine().cf(CF_META),
+            rocksdb::IteratorMode::Start,
+        ) {
             let (key, _) = item.map_err(|e| HostError::Storage(e.to_string()))?;
             if let Some(group) = storage::group_of_meta_key(&key) {
                 groups.insert(group);
@@ -255,7 +275,7 @@ impl GroupHost {
 
     /// The groups open on this host.
     pub fn open_groups(&self) -> Vec<GroupId> {
-        self.groups.ids()
+        self.local.groups.ids()
     }
 
     /// Opens `group` on this node with `machine` as its state machine,
@@ -268,7 +288,7 @@ impl GroupHost {
         // One open at a time: two concurrent opens of one group would both
         // replay its log into the same state.
         let _opening = self.opening.lock().await;
-        if self.groups.get(group).is_some() {
+        if self.local.groups.get(group).is_some() {
             return Err(HostError::GroupExists(group));
         }
         let syncer = self
@@ -284,12 +304,12 @@ impl GroupHost {
         };
         let log = GroupLogStore::new(
             group,
-            self.engine.clone(),
+            self.local.engine().clone(),
             syncer,
             counters.committed.clone(),
             applied_rx,
         );
-        let state = GroupStateStore::open(group, self.engine.clone(), machine, applied_tx)
+        let state = GroupStateStore::open(group, self.local.engine().clone(), machine, applied_tx)
             .map_err(|e| HostError::Storage(e.to_string()))?;
         let network = GroupNetwork::new(group, self.transport.clone());
         let raft = Raft::new(
@@ -301,7 +321,7 @@ impl GroupHost {
         )
         .await
         .map_err(|e| HostError::Stopped(e.to_string()))?;
-        self.groups.insert(group, raft);
+        self.local.groups.insert(group, raft);
         self.counters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -310,7 +330,10 @@ impl GroupHost {
     }
 
     fn raft(&self, group: GroupId) -> Result<Raft, HostError> {
-        self.groups.get(group).ok_or(HostError::UnknownGroup(group))
+        self.local
+            .groups
+            .get(group)
+            .ok_or(HostError::UnknownGroup(group))
     }
 
     /// Makes a new group with `members` (node id → peer address) as its
@@ -341,76 +364,33 @@ impl GroupHost {
         }
     }
 
-    /// Proposes `command` to `group` and returns its state machine's response
-    /// once the command is committed by a majority and applied here.
+    /// Proposes `command` to this node's replica of `group` and returns the
+    /// state machine's response once the command is committed by a majority
+    /// and applied here. Fails with [`WriteError::NotLeader`] on a follower;
+    /// [`GroupHost::propose`] forwards instead.
     #[tracing::instrument(level = "debug", skip(self, command), fields(node = self.config.node_id))]
     pub async fn write(&self, group: GroupId, command: Vec<u8>) -> Result<Vec<u8>, WriteError> {
-        let raft = self
-            .groups
-            .get(group)
-            .ok_or(WriteError::UnknownGroup(group))?;
-        if command.len() > self.config.max_command_bytes {
-            return Err(WriteError::TooLarge {
-                size: command.len(),
-                limit: self.config.max_command_bytes,
-            });
-        }
-        let timeout = self.config.write_timeout;
-        let written = tokio::time::timeout(timeout, raft.client_write(Command(command))).await;
-        match written {
-            Err(_) => Err(WriteError::Timeout { group, timeout }),
-            Ok(Ok(answer)) => Ok(answer.data.0),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                Err(WriteError::NotLeader {
-                    group,
-                    leader: forward.leader_id,
-                    leader_addr: forward.leader_node.map(|n| n.addr),
-                })
-            }
-            Ok(Err(e)) => Err(WriteError::Stopped {
-                group,
-                detail: e.to_string(),
-            }),
-        }
+        self.local.write(group, command).await
     }
 
     /// Returns once this node has confirmed, with a quorum, that it leads
     /// `group` and has applied everything committed before the call began.
     /// Local reads made after it are linearizable.
     pub async fn linearize(&self, group: GroupId) -> Result<(), ReadError> {
-        let raft = self
-            .groups
-            .get(group)
-            .ok_or(ReadError::UnknownGroup(group))?;
-        match raft.ensure_linearizable().await {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
-                Err(ReadError::NotLeader {
-                    group,
-                    leader: forward.leader_id,
-                })
-            }
-            Err(e) => Err(ReadError::Unavailable {
-                group,
-                detail: e.to_string(),
-            }),
-        }
+        self.local.linearize(group).await
     }
 
     /// Reads application key `key` of `group` linearizably (see
     /// [`GroupHost::linearize`]).
     pub async fn read(&self, group: GroupId, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
-        self.linearize(group).await?;
-        self.read_local(group, key)
+        self.local.linearize(group).await?;
+        self.local.read(group, key)
     }
 
     /// Reads application key `key` from this replica's applied state, which
     /// may lag the leader's.
     pub fn read_local(&self, group: GroupId, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
-        if self.groups.get(group).is_none() {
-            return Err(ReadError::UnknownGroup(group));
-        }
-        storage::read_state(&self.engine, group, key).map_err(|e| ReadError::Storage(e.to_string()))
+        self.local.read(group, key)
     }
 
     /// Up to `limit` application key-value pairs of `group` with keys in
@@ -422,25 +402,18 @@ impl GroupHost {
         to: &[u8],
         limit: usize,
     ) -> Result<Vec<KeyValue>, ReadError> {
-        if self.groups.get(group).is_none() {
-            return Err(ReadError::UnknownGroup(group));
-        }
-        storage::scan_state(&self.engine, group, from, to, limit)
-            .map_err(|e| ReadError::Storage(e.to_string()))
+        self.local.scan(group, from, to, limit)
     }
 
     /// The applied index of this replica and a digest of its state machine
     /// data at that index. Replicas at the same index have equal digests.
     pub fn digest(&self, group: GroupId) -> Result<(u64, u64), ReadError> {
-        if self.groups.get(group).is_none() {
-            return Err(ReadError::UnknownGroup(group));
-        }
-        storage::digest(&self.engine, group).map_err(|e| ReadError::Storage(e.to_string()))
+        self.local.digest(group)
     }
 
     /// This replica's view of `group`.
     pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
-        let raft = self.groups.get(group)?;
+        let raft = self.local.groups.get(group)?;
         let metrics = raft.metrics().borrow().clone();
         let (committed, applied) = {
             let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
@@ -549,7 +522,7 @@ impl GroupHost {
     /// Stops every group and the peer server, and waits (up to ten seconds)
     /// until storage is released, so the data directory can be reopened.
     pub async fn shutdown(&self) {
-        for (group, raft) in self.groups.drain() {
+        for (group, raft) in self.local.groups.drain() {
             if let Err(e) = raft.shutdown().await {
                 tracing::warn!(group, error = %e, "group did not stop cleanly");
             }
@@ -568,7 +541,7 @@ impl GroupHost {
         drop(self.syncer.lock().unwrap_or_else(|p| p.into_inner()).take());
         let deadline = Instant::now() + Duration::from_secs(10);
         // Replication tasks of stopped groups drop their storage handles soon after.
-        while !self.engine.is_sole_owner() && Instant::now() < deadline {
+        while !self.local.engine().is_sole_owner() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let thread = self
@@ -577,7 +550,7 @@ impl GroupHost {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(thread) = thread {
-            if self.engine.is_sole_owner() {
+            if self.local.engine().is_sole_owner() {
                 let _ = thread.join();
             } else {
                 tracing::warn!(

@@ -51,7 +51,9 @@
 
 mod codec;
 pub mod error;
+mod forward;
 pub mod host;
+mod local;
 pub mod network;
 pub mod state_machine;
 pub mod storage;

@@ -157,6 +157,11 @@ async fn a_stopped_leader_is_replaced_and_rejoins_as_a_follower() -> anyhow::Res
     let old = cluster.leader_of(group, LONG).await?;
     cluster.stop(old).await?;
 
+    // A surviving host reaches whichever host the group elects next.
+    let survivor = cluster.host((old + 1) % 3)?;
+    let answer = survivor.propose(group, b"during=election".to_vec()).await?;
+    assert_eq!(answer, b"51", "the write after the first 50 of this group");
+
     let new = cluster.leader_of(group, LONG).await?;
     assert_ne!(new, old, "another host is elected");
     write_many(cluster.live(), &cluster.groups, 100, 200, 4).await?;
@@ -172,7 +177,7 @@ async fn a_stopped_leader_is_replaced_and_rejoins_as_a_follower() -> anyhow::Res
     assert_eq!(rejoined.leader, Some(new as u64 + 1));
     assert_eq!(
         cluster.host(old)?.read_local(group, COUNT_KEY)?.as_deref(),
-        Some(&b"150"[..]),
+        Some(&b"151"[..]),
         "it holds the writes made while it was away"
     );
     cluster.shutdown().await;
@@ -246,7 +251,8 @@ async fn a_follower_refuses_writes_and_linearizable_reads_naming_the_leader() ->
         follower.linearize(group).await,
         Err(ReadError::NotLeader {
             group,
-            leader: Some(leader as u64 + 1)
+            leader: Some(leader as u64 + 1),
+            leader_addr: Some(cluster.host(leader)?.peer_addr().to_string()),
         }),
         "a linearizable read on a follower is refused with the leader's name"
     );
@@ -276,6 +282,22 @@ async fn a_follower_refuses_writes_and_linearizable_reads_naming_the_leader() ->
         "a scan returns keys in order, up to its limit"
     );
     assert_eq!(page[0].1, b"s1!");
+
+    // Through propose and scan, a follower reaches the leader for its caller.
+    let answer = follower.propose(group, b"via=follower".to_vec()).await?;
+    assert_eq!(
+        answer, b"6",
+        "the sixth write of the group, applied at the leader"
+    );
+    assert_eq!(
+        leading.read(group, b"via").await?.as_deref(),
+        Some(&b"follower"[..])
+    );
+    assert_eq!(
+        follower.scan(group, b"s", b"t", 3).await?,
+        page,
+        "a scan forwarded to the leader sees what the leader sees"
+    );
     assert_eq!(
         leading.read(group, b"s5").await?.as_deref(),
         Some(&b"s5!"[..])

@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fishchat_proto::peer::raft_peer_client::RaftPeerClient;
-use fishchat_proto::peer::{peer_error, raft_reply, RaftMessage};
+use fishchat_proto::peer::{
+    peer_error, propose_reply, raft_reply, route_error, ProposeRequest, RaftMessage, RouteError,
+    ScanRequest,
+};
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
     Unreachable,
@@ -27,7 +30,8 @@ use super::MAX_PEER_MESSAGE_BYTES;
 /// batches when told the payload is too large.
 const APPEND_BUDGET_BYTES: usize = 8 * 1024 * 1024;
 use crate::codec;
-use crate::types::{GroupId, NodeId, TypeConfig};
+use crate::error::{ReadError, WriteError};
+use crate::types::{GroupId, KeyValue, NodeId, TypeConfig};
 
 /// Why a peer RPC failed before a Raft answer came back.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +116,143 @@ impl PeerTransport {
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         channels.insert(target, (addr.to_string(), client.clone()));
         Ok(client)
+    }
+}
+
+impl PeerTransport {
+    /// Forwards a write to `target`, which should lead `group`.
+    pub(crate) async fn propose(
+        &self,
+        target: NodeId,
+        addr: &str,
+        group: GroupId,
+        command: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, WriteError> {
+        let unreachable = |detail: String| WriteError::Unreachable {
+            group,
+            node: target,
+            detail,
+        };
+        let mut client = self
+            .client(target, addr)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let command_len = command.len();
+        let mut request = tonic::Request::new(ProposeRequest {
+            group_id: group,
+            command,
+        });
+        request.set_timeout(ttl);
+        let reply = match tokio::time::timeout(ttl, client.propose(request)).await {
+            Err(_) => return Err(unreachable(format!("no answer within {ttl:?}"))),
+            Ok(Err(status)) => return Err(unreachable(status.to_string())),
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        match reply.result {
+            Some(propose_reply::Result::Response(response)) => Ok(response),
+            Some(propose_reply::Result::Error(refusal)) => {
+                Err(write_error(group, target, refusal, ttl, command_len))
+            }
+            None => Err(unreachable("empty reply".into())),
+        }
+    }
+
+    /// Forwards a linearizable scan to `target`, which should lead `group`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn scan(
+        &self,
+        target: NodeId,
+        addr: &str,
+        group: GroupId,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+        ttl: Duration,
+    ) -> Result<Vec<KeyValue>, ReadError> {
+        let unavailable = |detail: String| ReadError::Unavailable {
+            group,
+            detail: format!("node {target}: {detail}"),
+        };
+        let mut client = self
+            .client(target, addr)
+            .map_err(|e| unavailable(e.to_string()))?;
+        let mut request = tonic::Request::new(ScanRequest {
+            group_id: group,
+            from: from.to_vec(),
+            to: to.to_vec(),
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        });
+        request.set_timeout(ttl);
+        let reply = match tokio::time::timeout(ttl, client.scan(request)).await {
+            Err(_) => return Err(unavailable(format!("no answer within {ttl:?}"))),
+            Ok(Err(status)) => return Err(unavailable(status.to_string())),
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        match reply.error {
+            Some(refusal) => Err(read_error(group, refusal)),
+            None => Ok(reply
+                .pairs
+                .into_iter()
+                .map(|kv| (kv.key, kv.value))
+                .collect()),
+        }
+    }
+}
+
+/// The leader named in a refusal (node id 0 and an empty address mean unknown).
+fn leader_of(refusal: &RouteError) -> (Option<NodeId>, Option<String>) {
+    let leader = (refusal.leader_id != 0).then_some(refusal.leader_id);
+    let addr = (!refusal.leader_addr.is_empty()).then(|| refusal.leader_addr.clone());
+    (leader, addr)
+}
+
+fn write_error(
+    group: GroupId,
+    target: NodeId,
+    refusal: RouteError,
+    ttl: Duration,
+    command_len: usize,
+) -> WriteError {
+    let (leader, leader_addr) = leader_of(&refusal);
+    match route_error::Code::try_from(refusal.code).unwrap_or(route_error::Code::Unspecified) {
+        route_error::Code::NotLeader => WriteError::NotLeader {
+            group,
+            leader,
+            leader_addr,
+        },
+        route_error::Code::UnknownGroup => WriteError::UnknownGroup(group),
+        route_error::Code::Timeout => WriteError::Timeout {
+            group,
+            timeout: ttl,
+        },
+        // The peer's limit is only in its message; ours let the command pass.
+        route_error::Code::TooLarge => WriteError::TooLarge {
+            size: command_len,
+            limit: 0,
+        },
+        route_error::Code::Stopped
+        | route_error::Code::Unavailable
+        | route_error::Code::Unspecified => WriteError::Unreachable {
+            group,
+            node: target,
+            detail: refusal.message,
+        },
+    }
+}
+
+fn read_error(group: GroupId, refusal: RouteError) -> ReadError {
+    let (leader, leader_addr) = leader_of(&refusal);
+    match route_error::Code::try_from(refusal.code).unwrap_or(route_error::Code::Unspecified) {
+        route_error::Code::NotLeader => ReadError::NotLeader {
+            group,
+            leader,
+            leader_addr,
+        },
+        route_error::Code::UnknownGroup => ReadError::UnknownGroup(group),
+        _ => ReadError::Unavailable {
+            group,
+            detail: refusal.message,
+        },
     }
 }
 

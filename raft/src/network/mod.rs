@@ -17,7 +17,8 @@ mod server;
 
 pub(crate) use client::GroupNetwork;
 pub use client::PeerTransport;
-pub use server::{GroupTable, PeerService};
+pub use server::GroupTable;
+pub(crate) use server::PeerService;
 
 /// Largest gRPC message a node sends or accepts on the peer port. Snapshot
 /// chunks are far smaller (see `RaftTiming::snapshot_chunk_bytes`); this bounds

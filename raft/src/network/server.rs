@@ -5,13 +5,18 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 
 use fishchat_proto::peer::raft_peer_server::RaftPeer;
-use fishchat_proto::peer::{peer_error, raft_reply, PeerError, RaftMessage, RaftReply};
+use fishchat_proto::peer::{
+    peer_error, propose_reply, raft_reply, route_error, KeyValue, PeerError, ProposeReply,
+    ProposeRequest, RaftMessage, RaftReply, RouteError, ScanReply, ScanRequest,
+};
 use openraft::error::RaftError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Status};
 
 use crate::codec;
+use crate::error::{ReadError, WriteError};
+use crate::local::LocalGroups;
 use crate::types::{GroupId, NodeId, Raft};
 
 /// The groups this node hosts, by id. Read on every peer message; written only
@@ -68,14 +73,14 @@ impl GroupTable {
 }
 
 /// The `RaftPeer` gRPC service of one node.
-pub struct PeerService {
-    groups: Arc<GroupTable>,
+pub(crate) struct PeerService {
+    local: Arc<LocalGroups>,
 }
 
 impl PeerService {
-    /// Serves the groups in `groups`.
-    pub fn new(groups: Arc<GroupTable>) -> Self {
-        Self { groups }
+    /// Serves the groups open in `local`.
+    pub(crate) fn new(local: Arc<LocalGroups>) -> Self {
+        Self { local }
     }
 
     /// Decodes `message` for its group, runs `handle`, encodes the outcome.
@@ -87,7 +92,7 @@ impl PeerService {
         F: FnOnce(Raft, Q) -> Fut,
         Fut: Future<Output = Result<P, RaftError<NodeId, E>>>,
     {
-        let Some(raft) = self.groups.get(message.group_id) else {
+        let Some(raft) = self.local.groups.get(message.group_id) else {
             return refusal(
                 peer_error::Code::UnknownGroup,
                 format!("this node hosts no group {}", message.group_id),
@@ -155,5 +160,93 @@ impl RaftPeer for PeerService {
             })
             .await;
         Ok(tonic::Response::new(reply))
+    }
+
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<tonic::Response<ProposeReply>, Status> {
+        let request = request.into_inner();
+        let result = match self.local.write(request.group_id, request.command).await {
+            Ok(response) => propose_reply::Result::Response(response),
+            Err(e) => propose_reply::Result::Error(write_refusal(&e)),
+        };
+        Ok(tonic::Response::new(ProposeReply {
+            result: Some(result),
+        }))
+    }
+
+    async fn scan(
+        &self,
+        request: Request<ScanRequest>,
+    ) -> Result<tonic::Response<ScanReply>, Status> {
+        let request = request.into_inner();
+        let limit = usize::try_from(request.limit).unwrap_or(usize::MAX);
+        let scanned = self
+            .local
+            .scan_linearized(request.group_id, &request.from, &request.to, limit)
+            .await;
+        let reply = match scanned {
+            Ok(pairs) => ScanReply {
+                pairs: pairs
+                    .into_iter()
+                    .map(|(key, value)| KeyValue { key, value })
+                    .collect(),
+                error: None,
+            },
+            Err(e) => ScanReply {
+                pairs: Vec::new(),
+                error: Some(read_refusal(&e)),
+            },
+        };
+        Ok(tonic::Response::new(reply))
+    }
+}
+
+/// A refused write as it crosses the wire.
+fn write_refusal(err: &WriteError) -> RouteError {
+    let (code, leader, addr) = match err {
+        WriteError::NotLeader {
+            leader,
+            leader_addr,
+            ..
+        } => (route_error::Code::NotLeader, *leader, leader_addr.clone()),
+        WriteError::UnknownGroup(_) => (route_error::Code::UnknownGroup, None, None),
+        WriteError::TooLarge { .. } => (route_error::Code::TooLarge, None, None),
+        WriteError::Timeout { .. } | WriteError::Unreachable { .. } => {
+            (route_error::Code::Timeout, None, None)
+        }
+        WriteError::Stopped { .. } => (route_error::Code::Stopped, None, None),
+    };
+    route_error(code, err.to_string(), leader, addr)
+}
+
+/// A refused read as it crosses the wire.
+fn read_refusal(err: &ReadError) -> RouteError {
+    let (code, leader, addr) = match err {
+        ReadError::NotLeader {
+            leader,
+            leader_addr,
+            ..
+        } => (route_error::Code::NotLeader, *leader, leader_addr.clone()),
+        ReadError::UnknownGroup(_) => (route_error::Code::UnknownGroup, None, None),
+        ReadError::Storage(_) | ReadError::Unavailable { .. } => {
+            (route_error::Code::Unavailable, None, None)
+        }
+    };
+    route_error(code, err.to_string(), leader, addr)
+}
+
+fn route_error(
+    code: route_error::Code,
+    message: String,
+    leader: Option<NodeId>,
+    leader_addr: Option<String>,
+) -> RouteError {
+    RouteError {
+        code: code as i32,
+        message,
+        leader_id: leader.unwrap_or(0),
+        leader_addr: leader_addr.unwrap_or_default(),
     }
 }

@@ -1,0 +1,150 @@
+//! Serving a request on this node's own replica of a group: the path every
+//! write and linearizable read takes on the node that leads the group, whether
+//! the node's application asked or a peer forwarded it. Nothing here forwards.
+
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+
+use crate::error::{ReadError, WriteError};
+use crate::network::GroupTable;
+use crate::storage::{self, Engine};
+use crate::types::{Command, GroupId, KeyValue};
+
+/// Limits applied to every write, local or forwarded.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WriteLimits {
+    /// How long a write may wait for its commit.
+    pub(crate) timeout: Duration,
+    /// Largest command accepted.
+    pub(crate) max_command_bytes: usize,
+}
+
+/// The groups open on this node and the storage they share.
+pub(crate) struct LocalGroups {
+    pub(crate) groups: GroupTable,
+    engine: Engine,
+    limits: WriteLimits,
+}
+
+impl LocalGroups {
+    pub(crate) fn new(engine: Engine, limits: WriteLimits) -> Self {
+        Self {
+            groups: GroupTable::default(),
+            engine,
+            limits,
+        }
+    }
+
+    /// The node's storage.
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Proposes `command` to this node's replica of `group`, which must lead.
+    pub(crate) async fn write(
+        &self,
+        group: GroupId,
+        command: Vec<u8>,
+    ) -> Result<Vec<u8>, WriteError> {
+        let raft = self
+            .groups
+            .get(group)
+            .ok_or(WriteError::UnknownGroup(group))?;
+        if command.len() > self.limits.max_command_bytes {
+            return Err(WriteError::TooLarge {
+                size: command.len(),
+                limit: self.limits.max_command_bytes,
+            });
+        }
+        let timeout = self.limits.timeout;
+        let written = tokio::time::timeout(timeout, raft.client_write(Command(command))).await;
+        match written {
+            Err(_) => Err(WriteError::Timeout { group, timeout }),
+            Ok(Ok(answer)) => Ok(answer.data.0),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                Err(WriteError::NotLeader {
+                    group,
+                    leader: forward.leader_id,
+                    leader_addr: forward.leader_node.map(|n| n.addr),
+                })
+            }
+            Ok(Err(e)) => Err(WriteError::Stopped {
+                group,
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Returns once this replica has confirmed, with a quorum, that it leads
+    /// `group` and has applied everything committed before the call began.
+    pub(crate) async fn linearize(&self, group: GroupId) -> Result<(), ReadError> {
+        let raft = self
+            .groups
+            .get(group)
+            .ok_or(ReadError::UnknownGroup(group))?;
+        let confirmed = tokio::time::timeout(self.limits.timeout, raft.ensure_linearizable()).await;
+        match confirmed {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
+                Err(ReadError::NotLeader {
+                    group,
+                    leader: forward.leader_id,
+                    leader_addr: forward.leader_node.map(|n| n.addr),
+                })
+            }
+            Ok(Err(e)) => Err(ReadError::Unavailable {
+                group,
+                detail: e.to_string(),
+            }),
+            Err(_) => Err(ReadError::Unavailable {
+                group,
+                detail: format!("leadership not confirmed within {:?}", self.limits.timeout),
+            }),
+        }
+    }
+
+    /// Reads application key `key` of `group` from this replica.
+    pub(crate) fn read(&self, group: GroupId, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
+        self.check_open(group)?;
+        storage::read_state(&self.engine, group, key).map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// Up to `limit` application pairs of `group` in `[from, to)` from this replica.
+    pub(crate) fn scan(
+        &self,
+        group: GroupId,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, ReadError> {
+        self.check_open(group)?;
+        storage::scan_state(&self.engine, group, from, to, limit)
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// A linearizable scan: only on the leader.
+    pub(crate) async fn scan_linearized(
+        &self,
+        group: GroupId,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, ReadError> {
+        self.linearize(group).await?;
+        self.scan(group, from, to, limit)
+    }
+
+    /// The applied index and state digest of this replica of `group`.
+    pub(crate) fn digest(&self, group: GroupId) -> Result<(u64, u64), ReadError> {
+        self.check_open(group)?;
+        storage::digest(&self.engine, group).map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    fn check_open(&self, group: GroupId) -> Result<(), ReadError> {
+        match self.groups.get(group) {
+            Some(_) => Ok(()),
+            None => Err(ReadError::UnknownGroup(group)),
+        }
+    }
+}
