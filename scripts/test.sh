@@ -15,7 +15,11 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
 status=0
-cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+# Build every target first: cluster-tests run the fishchat-node binary itself.
+cargo build --workspace --all-targets --locked 2>&1 | tee "$log" || status=$?
+if [ "$status" -eq 0 ]; then
+  cargo test --workspace --locked 2>&1 | tee -a "$log" || status=$?
+fi
 
 passed=$(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\2/p' "$log" | awk '{s+=$1} END {print s+0}')

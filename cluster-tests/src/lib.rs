@@ -1,0 +1,293 @@
+//! Black-box harness for FishChat clusters: starts real `fishchat-node`
+//! processes the way `scripts/cluster.sh` does (own data directory, the
+//! port rule), and reads their admin API. It knows each node's pid, ports and
+//! data, injects faults from outside (SIGKILL, SIGTERM), and stops every
+//! process it started when dropped, also when a test fails or panics.
+//!
+//! It must not link any FishChat crate: what it checks is what a user sees.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::Value;
+
+/// One node process of a test cluster.
+pub struct NodeProcess {
+    /// Node id (1-based).
+    pub id: u64,
+    child: Option<Child>,
+}
+
+/// A cluster of real node processes in a temporary directory.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+    base_port: u16,
+    nodes: Vec<NodeProcess>,
+    shards: u32,
+}
+
+/// Next candidate base port; each cluster takes 40 ports.
+static NEXT_BASE: AtomicU16 = AtomicU16::new(0);
+
+impl Cluster {
+    /// Starts `nodes` nodes with `shards` shards.
+    pub fn start(nodes: u64, shards: u32) -> anyhow::Result<Self> {
+        let binary = node_binary()?;
+        let base_port = free_base_port(nodes)?;
+        let mut cluster = Self {
+            dir: tempfile::tempdir()?,
+            binary,
+            base_port,
+            nodes: Vec::new(),
+            shards,
+        };
+        cluster.nodes = (1..=nodes)
+            .map(|id| NodeProcess { id, child: None })
+            .collect();
+        for id in 1..=nodes {
+            cluster.start_node(id)?;
+        }
+        Ok(cluster)
+    }
+
+    fn peers(&self) -> String {
+        (1..=self.nodes.len() as u64)
+            .map(|id| format!("{id}=127.0.0.1:{}", self.base_port as u64 + 10 + id))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The data directory of node `id`.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node{id}"))
+    }
+
+    /// Starts (or restarts) node `id` on its data directory.
+    pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let child = self.spawn(id, id)?;
+        self.node_mut(id)?.child = Some(child);
+        Ok(())
+    }
+
+    /// Spawns the node binary as node `as_id` on the data directory of node `dir_of`.
+    fn spawn(&self, as_id: u64, dir_of: u64) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{as_id}.log")))?;
+        Command::new(&self.binary)
+            .arg("--node-id")
+            .arg(as_id.to_string())
+            .arg("--data-dir")
+            .arg(self.data_dir(dir_of))
+            .arg("--base-port")
+            .arg(self.base_port.to_string())
+            .arg("--peers")
+            .arg(self.peers())
+            .arg("--shards")
+            .arg(self.shards.to_string())
+            .env("FISHCHAT_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning {}", self.binary.display()))
+    }
+
+    /// Runs the node binary as node `as_id` on node `dir_of`'s data and
+    /// waits for it to exit (for start-up errors).
+    pub fn run_to_exit(
+        &self,
+        as_id: u64,
+        dir_of: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<ExitStatus> {
+        let mut child = self.spawn(as_id, dir_of)?;
+        wait_exit(&mut child, timeout)
+    }
+
+    fn node_mut(&mut self, id: u64) -> anyhow::Result<&mut NodeProcess> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .ok_or_else(|| anyhow!("no node {id}"))
+    }
+
+    /// SIGKILLs node `id`.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        if let Some(mut child) = self.node_mut(id)?.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERMs node `id` and returns its exit status.
+    pub fn terminate(&mut self, id: u64, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let mut child = self
+            .node_mut(id)?
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("node {id} is not running"))?;
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed for node {id}");
+        }
+        wait_exit(&mut child, timeout)
+    }
+
+    /// The admin port of node `id`.
+    pub fn admin_port(&self, id: u64) -> u16 {
+        self.base_port + 20 + id as u16
+    }
+
+    /// Node `id`'s `/status`, parsed.
+    pub fn status(&self, id: u64) -> anyhow::Result<Value> {
+        let body = http_get(self.admin_port(id), "/status")?;
+        serde_json::from_str(&body).context("parsing /status")
+    }
+
+    /// Node `id`'s `/metrics` text.
+    pub fn metrics(&self, id: u64) -> anyhow::Result<String> {
+        http_get(self.admin_port(id), "/metrics")
+    }
+
+    /// Polls `check` every 200 ms until it returns `Ok(Some(_))` or `timeout`.
+    pub fn eventually<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Self) -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match check(self) {
+                Ok(Some(found)) => return Ok(found),
+                Ok(None) => "condition not met".to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() > deadline {
+                let tails: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let log = self.log(n.id);
+                        let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                        format!(
+                            "--- node {} log, newest line first:\n{}",
+                            n.id,
+                            tail.join("\n")
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "{what}: not within {timeout:?} (last: {last})\n{}",
+                    tails.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The log of node `id` so far.
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // FISHCHAT_KEEP_TEST_DATA=1 keeps data and logs for a post-mortem.
+        if std::env::var_os("FISHCHAT_KEEP_TEST_DATA").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept cluster data in {}", self.dir.path().display());
+        }
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> anyhow::Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("process {} did not exit within {timeout:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `fishchat-node` binary: `FISHCHAT_NODE_BIN`, or beside this test's
+/// own target directory (built by `scripts/test.sh`).
+fn node_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("FISHCHAT_NODE_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
+    let binary = profile_dir.join("fishchat-node");
+    if !binary.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --workspace --all-targets` (scripts/test.sh does)",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// A base port whose client, peer and admin ports for `nodes` nodes are free.
+fn free_base_port(nodes: u64) -> anyhow::Result<u16> {
+    let start = 20_000 + (std::process::id() % 500) as u16 * 40;
+    for _ in 0..200 {
+        let offset = NEXT_BASE.fetch_add(40, Ordering::Relaxed);
+        let base = 20_000 + (start - 20_000 + offset) % 40_000;
+        let free = (1..=nodes).all(|n| {
+            [0u64, 10, 20].iter().all(|rule| {
+                let port = base as u64 + rule + n;
+                TcpListener::bind(("127.0.0.1", port as u16)).is_ok()
+                    && std::net::UdpSocket::bind(("127.0.0.1", port as u16)).is_ok()
+            })
+        });
+        if free {
+            return Ok(base);
+        }
+    }
+    bail!("no free port range found")
+}
+
+/// A minimal HTTP/1.0 GET on loopback; returns the body of a 200 answer.
+fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP answer"))?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}

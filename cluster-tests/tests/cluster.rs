@@ -1,0 +1,115 @@
+//! A cluster of three real `fishchat-node` processes, driven from outside.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fishchat_cluster_tests::Cluster;
+use serde_json::Value;
+
+const SHARDS: u32 = 8;
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The leader each shard has in a node's `/status`, if every shard has one.
+fn leaders(status: &Value) -> Option<Vec<u64>> {
+    let shards = status["shards"].as_array()?;
+    if shards.len() != SHARDS as usize {
+        return None;
+    }
+    shards.iter().map(|s| s["leader"].as_u64()).collect()
+}
+
+/// (applied index, digest) per shard in a node's `/status`.
+fn digests(status: &Value) -> Vec<(u64, String)> {
+    status["shards"]
+        .as_array()
+        .map(|shards| {
+            shards
+                .iter()
+                .map(|s| {
+                    (
+                        s["digest_index"].as_u64().unwrap_or(0),
+                        s["digest"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn three_nodes_form_every_shard_fail_over_a_killed_node_and_take_it_back() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, SHARDS)?;
+
+    // Formed: every node agrees on a leader for every shard, and the first
+    // leaders are spread over all three nodes.
+    let agreed = cluster.eventually("every shard has one agreed leader", PATIENCE, |c| {
+        let views: Vec<Option<Vec<u64>>> = (1..=3)
+            .map(|id| c.status(id).map(|s| leaders(&s)))
+            .collect::<Result<_, _>>()?;
+        Ok(match views.as_slice() {
+            [Some(a), Some(b), Some(c)] if a == b && b == c => Some(a.clone()),
+            _ => None,
+        })
+    })?;
+    let leading: BTreeSet<u64> = agreed.iter().copied().collect();
+    assert_eq!(
+        leading,
+        BTreeSet::from([1, 2, 3]),
+        "leaders spread over the nodes: {agreed:?}"
+    );
+
+    // SIGKILL node 1: the other two elect leaders among themselves.
+    cluster.kill(1)?;
+    cluster.eventually("survivors lead every shard", PATIENCE, |c| {
+        let two = leaders(&c.status(2)?);
+        let three = leaders(&c.status(3)?);
+        Ok(
+            (two.is_some() && two == three && two.as_ref().is_some_and(|l| !l.contains(&1)))
+                .then_some(()),
+        )
+    })?;
+
+    // Restarted on its data, node 1 rejoins and all replicas match.
+    cluster.start_node(1)?;
+    cluster.eventually("replicas converge after the restart", PATIENCE, |c| {
+        let views: Vec<Value> = (1..=3).map(|id| c.status(id)).collect::<Result<_, _>>()?;
+        let all_led = views.iter().all(|v| leaders(v).is_some());
+        let first = digests(&views[0]);
+        let same =
+            views.iter().all(|v| digests(v) == first) && first.iter().all(|(index, _)| *index > 0);
+        Ok((all_led && same).then_some(()))
+    })?;
+    let metrics = cluster.metrics(1)?;
+    assert!(
+        metrics.contains("fishchat_shard_is_leader"),
+        "metrics are served:\n{metrics}"
+    );
+
+    // SIGTERM stops every node cleanly.
+    for id in 1..=3 {
+        let status = cluster.terminate(id, Duration::from_secs(20))?;
+        assert!(
+            status.success(),
+            "node {id} exits 0 on SIGTERM ({status}); log:\n{}",
+            cluster.log(id)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_node_refuses_another_nodes_data_directory() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, SHARDS)?;
+    cluster.eventually("node 1 wrote its identity", PATIENCE, |c| {
+        Ok(c.data_dir(1).join("identity.json").exists().then_some(()))
+    })?;
+    cluster.kill(1)?;
+    let status = cluster.run_to_exit(2, 1, Duration::from_secs(30))?;
+    assert!(!status.success(), "node 2 must not open node 1's data");
+    assert!(
+        cluster.log(2).contains("belongs to node 1"),
+        "the refusal says why:\n{}",
+        cluster.log(2)
+    );
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! The operators' HTTP API: `GET /status` (JSON) and `GET /metrics`
+//! (Prometheus text).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fishchat_raft::{GroupHost, Role};
+use fishchat_shard::ShardMap;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::config::Settings;
+use crate::node::group_of;
+
+/// What the admin handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    settings: Arc<Settings>,
+    host: Arc<GroupHost>,
+    map: ShardMap,
+}
+
+impl AdminState {
+    /// State for the node with `settings`, `host` and `map`.
+    pub fn new(settings: Settings, host: Arc<GroupHost>, map: ShardMap) -> Self {
+        Self {
+            settings: Arc::new(settings),
+            host,
+            map,
+        }
+    }
+}
+
+/// Serves the admin API on `listener` until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    stop: oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = stop.await;
+        })
+        .await
+}
+
+/// `GET /status`.
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    /// This node's id.
+    pub node: u64,
+    /// Every node of the cluster: id → peer address.
+    pub peers: BTreeMap<u64, String>,
+    /// This node's client (QUIC) address.
+    pub client_addr: String,
+    /// One entry per shard.
+    pub shards: Vec<ShardStatus>,
+    /// WAL syncs since start.
+    pub wal_syncs: u64,
+    /// Appends and votes made durable per WAL sync, on average.
+    pub writes_per_sync: f64,
+}
+
+/// This node's view of one shard.
+#[derive(Debug, Serialize)]
+pub struct ShardStatus {
+    /// The shard.
+    pub shard: u32,
+    /// Its Raft group.
+    pub group: u64,
+    /// This replica's role: leader, follower, candidate, learner, shutdown.
+    pub role: String,
+    /// The leader this replica knows, if any.
+    pub leader: Option<u64>,
+    /// Current term.
+    pub term: u64,
+    /// Last log index.
+    pub last_log_index: u64,
+    /// Highest index known committed.
+    pub committed: u64,
+    /// Highest index applied.
+    pub applied: u64,
+    /// Digest of the shard's state at `digest_index` (hex), equal on
+    /// replicas that applied the same log.
+    pub digest: String,
+    /// The applied index the digest was taken at.
+    pub digest_index: u64,
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Leader => "leader",
+        Role::Follower => "follower",
+        Role::Candidate => "candidate",
+        Role::Learner => "learner",
+        Role::Shutdown => "shutdown",
+    }
+}
+
+fn collect(state: &AdminState) -> NodeStatus {
+    let stats = state.host.storage_stats();
+    let shards = (0..state.map.shard_count())
+        .filter_map(|shard| {
+            let group = group_of(shard);
+            let status = state.host.status(group)?;
+            let (digest_index, digest) = state.host.digest(group).unwrap_or((0, 0));
+            Some(ShardStatus {
+                shard,
+                group,
+                role: role_name(status.role).into(),
+                leader: status.leader,
+                term: status.term,
+                last_log_index: status.last_log_index,
+                committed: status.committed,
+                applied: status.applied,
+                digest: format!("{digest:016x}"),
+                digest_index,
+            })
+        })
+        .collect();
+    NodeStatus {
+        node: state.settings.node_id,
+        peers: state.settings.peers.clone(),
+        client_addr: state.settings.client_listen.to_string(),
+        shards,
+        wal_syncs: stats.wal_syncs.load(std::sync::atomic::Ordering::Relaxed),
+        writes_per_sync: stats.writes_per_sync(),
+    }
+}
+
+async fn status(State(state): State<AdminState>) -> Json<NodeStatus> {
+    let collected = tokio::task::spawn_blocking(move || collect(&state)).await;
+    match collected {
+        Ok(status) => Json(status),
+        Err(e) => {
+            tracing::error!(error = %e, "status collection failed");
+            Json(NodeStatus {
+                node: 0,
+                peers: BTreeMap::new(),
+                client_addr: String::new(),
+                shards: Vec::new(),
+                wal_syncs: 0,
+                writes_per_sync: 0.0,
+            })
+        }
+    }
+}
+
+/// Labels of per-shard metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ShardLabel {
+    shard: u32,
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let mut registry = Registry::with_prefix("fishchat");
+    let is_leader = Family::<ShardLabel, Gauge>::default();
+    let applied = Family::<ShardLabel, Gauge>::default();
+    let committed = Family::<ShardLabel, Gauge>::default();
+    let term = Family::<ShardLabel, Gauge>::default();
+    let wal_syncs = Counter::<u64>::default();
+    let synced_writes = Counter::<u64>::default();
+    registry.register(
+        "shard_is_leader",
+        "1 when this node leads the shard",
+        is_leader.clone(),
+    );
+    registry.register(
+        "shard_applied_index",
+        "Highest log index applied",
+        applied.clone(),
+    );
+    registry.register(
+        "shard_committed_index",
+        "Highest log index known committed",
+        committed.clone(),
+    );
+    registry.register("shard_term", "Current Raft term", term.clone());
+    registry.register("wal_syncs", "WAL syncs performed", wal_syncs.clone());
+    registry.register(
+        "wal_synced_writes",
+        "Appends and votes made durable by WAL syncs",
+        synced_writes.clone(),
+    );
+    for shard in 0..state.map.shard_count() {
+        let Some(status) = state.host.status(group_of(shard)) else {
+            continue;
+        };
+        let label = ShardLabel { shard };
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        is_leader
+            .get_or_create(&label)
+            .set(i64::from(status.role == Role::Leader));
+        applied.get_or_create(&label).set(gauge(status.applied));
+        committed.get_or_create(&label).set(gauge(status.committed));
+        term.get_or_create(&label).set(gauge(status.term));
+    }
+    let stats = state.host.storage_stats();
+    wal_syncs.inc_by(stats.wal_syncs.load(std::sync::atomic::Ordering::Relaxed));
+    synced_writes.inc_by(
+        stats
+            .synced_writes
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let mut body = String::new();
+    match encode(&mut body, &registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

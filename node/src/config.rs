@@ -1,0 +1,312 @@
+//! Node settings: embedded defaults, overridden by a TOML file, overridden by
+//! flags and `FISHCHAT_*` environment variables.
+//!
+//! Ports follow one rule so that several clusters can share a machine: with
+//! base port `B` (default 7100), node `N` listens for clients on `B+N` (QUIC),
+//! for peers on `B+10+N` and for operators on `B+20+N`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use fishchat_raft::RaftTiming;
+use serde::{Deserialize, Serialize};
+
+/// Default base port.
+pub const DEFAULT_BASE_PORT: u16 = 7100;
+/// Default number of shards of a new cluster.
+pub const DEFAULT_SHARDS: u32 = 16;
+/// Default number of nodes of a new cluster.
+pub const DEFAULT_NODES: u64 = 3;
+
+/// Why the settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML for these settings.
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+/// `fishchat-node`: one node of a FishChat cluster.
+///
+/// Every flag can also be set in the TOML file given by `--config` (same
+/// name, with `_` for `-`) or by the environment variable shown.
+#[derive(Debug, Default, Parser)]
+#[command(name = "fishchat-node", version, about, long_about = None)]
+pub struct Flags {
+    /// TOML file with any of the settings below.
+    #[arg(long, env = "FISHCHAT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id, 1 and up; stable for the life of its data directory.
+    #[arg(long, env = "FISHCHAT_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Where the node keeps its data [default: ./data/node<ID>].
+    #[arg(long, env = "FISHCHAT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Base of the port rule (clients B+N, peers B+10+N, admin B+20+N) [default: 7100].
+    #[arg(long, env = "FISHCHAT_BASE_PORT")]
+    pub base_port: Option<u16>,
+    /// Host (IP) every listener binds to [default: 127.0.0.1].
+    #[arg(long, env = "FISHCHAT_HOST")]
+    pub host: Option<String>,
+    /// The cluster's nodes as `ID=HOST:PEER_PORT,...` [default: nodes 1..3 on the port rule].
+    #[arg(long, env = "FISHCHAT_PEERS")]
+    pub peers: Option<String>,
+    /// Number of shards of a new cluster; must match on every node [default: 16].
+    #[arg(long, env = "FISHCHAT_SHARDS")]
+    pub shards: Option<u32>,
+    /// Leader heartbeat period in milliseconds [default: 200].
+    #[arg(long, env = "FISHCHAT_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Shortest election timeout in milliseconds [default: 1000].
+    #[arg(long, env = "FISHCHAT_ELECTION_MIN_MS")]
+    pub election_min_ms: Option<u64>,
+    /// Longest election timeout in milliseconds [default: 2000].
+    #[arg(long, env = "FISHCHAT_ELECTION_MAX_MS")]
+    pub election_max_ms: Option<u64>,
+    /// How long a write may wait for its commit, in milliseconds [default: 10000].
+    #[arg(long, env = "FISHCHAT_WRITE_TIMEOUT_MS")]
+    pub write_timeout_ms: Option<u64>,
+}
+
+/// The settings a TOML file may hold: the flags' names, all optional.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    node_id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    base_port: Option<u16>,
+    host: Option<String>,
+    peers: Option<String>,
+    shards: Option<u32>,
+    heartbeat_ms: Option<u64>,
+    election_min_ms: Option<u64>,
+    election_max_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
+}
+
+/// Everything a node needs to start, resolved and checked.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    /// This node's id.
+    pub node_id: u64,
+    /// The node's data directory.
+    pub data_dir: PathBuf,
+    /// Where clients connect (QUIC).
+    pub client_listen: SocketAddr,
+    /// Where peers connect (gRPC).
+    pub peer_listen: SocketAddr,
+    /// Where operators connect (HTTP: `/status`, `/metrics`).
+    pub admin_listen: SocketAddr,
+    /// Every node of the cluster (this one included): id → peer address.
+    pub peers: BTreeMap<u64, String>,
+    /// Number of shards.
+    pub shards: u32,
+    /// Raft heartbeat and election timing.
+    #[serde(skip)]
+    pub timing: RaftTiming,
+    /// How long a write may wait for its commit.
+    pub write_timeout: Duration,
+}
+
+impl Settings {
+    /// Resolves flags over the file they name over the defaults.
+    pub fn resolve(flags: Flags) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            None => FileSettings::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?
+            }
+        };
+        let node_id = flags.node_id.or(file.node_id).unwrap_or(1);
+        if node_id == 0 {
+            return Err(ConfigError::Invalid("node ids start at 1".into()));
+        }
+        let base = flags
+            .base_port
+            .or(file.base_port)
+            .unwrap_or(DEFAULT_BASE_PORT);
+        let host = flags
+            .host
+            .or(file.host)
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let port = |offset: u64, node: u64| -> Result<u16, ConfigError> {
+            u16::try_from(u64::from(base) + offset + node).map_err(|_| {
+                ConfigError::Invalid(format!("base port {base} leaves no room for node {node}"))
+            })
+        };
+        let addr = |offset: u64| -> Result<SocketAddr, ConfigError> {
+            let text = format!("{host}:{}", port(offset, node_id)?);
+            text.parse()
+                .map_err(|e| ConfigError::Invalid(format!("address {text}: {e}")))
+        };
+        let peers = match flags.peers.or(file.peers) {
+            Some(list) => parse_peers(&list)?,
+            None => (1..=DEFAULT_NODES)
+                .map(|id| Ok((id, format!("{host}:{}", port(10, id)?))))
+                .collect::<Result<_, ConfigError>>()?,
+        };
+        if !peers.contains_key(&node_id) {
+            return Err(ConfigError::Invalid(format!(
+                "node {node_id} is not in the peer list {peers:?}"
+            )));
+        }
+        let shards = flags.shards.or(file.shards).unwrap_or(DEFAULT_SHARDS);
+        if shards == 0 {
+            return Err(ConfigError::Invalid(
+                "a cluster needs at least one shard".into(),
+            ));
+        }
+        let defaults = RaftTiming::default();
+        let millis = |flag: Option<u64>, file: Option<u64>, default: Duration| {
+            flag.or(file).map(Duration::from_millis).unwrap_or(default)
+        };
+        let timing = RaftTiming {
+            heartbeat: millis(flags.heartbeat_ms, file.heartbeat_ms, defaults.heartbeat),
+            election_min: millis(
+                flags.election_min_ms,
+                file.election_min_ms,
+                defaults.election_min,
+            ),
+            election_max: millis(
+                flags.election_max_ms,
+                file.election_max_ms,
+                defaults.election_max,
+            ),
+            ..defaults
+        };
+        if timing.heartbeat >= timing.election_min || timing.election_min >= timing.election_max {
+            return Err(ConfigError::Invalid(
+                "timing must satisfy heartbeat < election-min < election-max".into(),
+            ));
+        }
+        Ok(Self {
+            node_id,
+            data_dir: flags
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(format!("data/node{node_id}"))),
+            client_listen: addr(0)?,
+            peer_listen: addr(10)?,
+            admin_listen: addr(20)?,
+            peers,
+            shards,
+            timing,
+            write_timeout: millis(
+                flags.write_timeout_ms,
+                file.write_timeout_ms,
+                Duration::from_secs(10),
+            ),
+        })
+    }
+}
+
+/// Parses `ID=HOST:PORT,ID=HOST:PORT,...`.
+fn parse_peers(list: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Invalid(format!("peer {item:?} is not ID=HOST:PORT")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::Invalid(format!("peer id {id:?} is not a number")))?;
+        if id == 0 {
+            return Err(ConfigError::Invalid("node ids start at 1".into()));
+        }
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            return Err(ConfigError::Invalid(format!("peer {id} is listed twice")));
+        }
+    }
+    if peers.is_empty() {
+        return Err(ConfigError::Invalid("the peer list is empty".into()));
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_port_rule() {
+        let settings = Settings::resolve(Flags {
+            node_id: Some(2),
+            ..Flags::default()
+        })
+        .expect("defaults are valid");
+        assert_eq!(settings.client_listen.port(), 7102);
+        assert_eq!(settings.peer_listen.port(), 7112);
+        assert_eq!(settings.admin_listen.port(), 7122);
+        assert_eq!(settings.peers.len(), 3);
+        assert_eq!(settings.peers[&3], "127.0.0.1:7113");
+        assert_eq!(settings.shards, 16);
+        assert_eq!(settings.data_dir, PathBuf::from("data/node2"));
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "node_id = 3\nbase_port = 9000\nshards = 4\n").expect("write");
+        let settings = Settings::resolve(Flags {
+            config: Some(path),
+            shards: Some(8),
+            ..Flags::default()
+        })
+        .expect("valid");
+        assert_eq!(settings.node_id, 3);
+        assert_eq!(settings.peer_listen.port(), 9013);
+        assert_eq!(settings.shards, 8);
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "nod_id = 3\n").expect("write");
+        let typo = Settings::resolve(Flags {
+            config: Some(path),
+            ..Flags::default()
+        });
+        assert!(matches!(typo, Err(ConfigError::Parse { .. })), "{typo:?}");
+        for peers in ["", "1=a,1=b", "x=a", "0=a", "1"] {
+            let refused = Settings::resolve(Flags {
+                peers: Some(peers.into()),
+                ..Flags::default()
+            });
+            assert!(matches!(refused, Err(ConfigError::Invalid(_))), "{peers:?}");
+        }
+        let absent = Settings::resolve(Flags {
+            node_id: Some(4),
+            ..Flags::default()
+        });
+        assert!(matches!(absent, Err(ConfigError::Invalid(_))));
+    }
+}

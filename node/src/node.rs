@@ -1,0 +1,187 @@
+//! Starting a node: open storage, open every shard, form the cluster on the
+//! first start, serve operators; and stopping it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use fishchat_raft::{GroupHost, GroupId, HostConfig, HostError};
+use fishchat_shard::{ChatMachine, ShardId, ShardMap};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::admin;
+use crate::config::Settings;
+
+/// The Raft group that holds shard `shard` (group 0 is kept for the meta group).
+pub fn group_of(shard: ShardId) -> GroupId {
+    GroupId::from(shard) + 1
+}
+
+/// The node that initialises `shard` when a cluster is formed: shards are
+/// dealt round-robin over the nodes, which also spreads their first leaders.
+fn initializer(shard: ShardId, nodes: &[u64]) -> u64 {
+    nodes[shard as usize % nodes.len()]
+}
+
+/// What a data directory was created for; checked on every start so a node
+/// never opens another node's data or a cluster of another shape.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Identity {
+    node_id: u64,
+    shards: u32,
+}
+
+/// A running node.
+pub struct Node {
+    settings: Settings,
+    host: Arc<GroupHost>,
+    map: ShardMap,
+    admin_stop: Option<oneshot::Sender<()>>,
+    admin_task: Option<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts the node: reopens its data or forms the cluster with its peers.
+    pub async fn start(settings: Settings) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+        check_identity(&settings)?;
+        let map = ShardMap::new(settings.shards).context("a cluster needs at least one shard")?;
+        let mut host_config =
+            HostConfig::new(settings.node_id, &settings.data_dir, settings.peer_listen);
+        host_config.timing = settings.timing.clone();
+        host_config.write_timeout = settings.write_timeout;
+        let host = Arc::new(GroupHost::start(host_config).await?);
+        let fresh = host.stored_groups()?.is_empty();
+        for shard in 0..settings.shards {
+            host.open_group(group_of(shard), ChatMachine::new(shard, map))
+                .await?;
+        }
+        if fresh {
+            form_cluster(&host, &settings).await?;
+        }
+        let (admin_stop, stopped) = oneshot::channel();
+        let listener = tokio::net::TcpListener::bind(settings.admin_listen)
+            .await
+            .with_context(|| format!("binding the admin port {}", settings.admin_listen))?;
+        let state = admin::AdminState::new(settings.clone(), host.clone(), map);
+        let admin_task = tokio::spawn(async move {
+            if let Err(e) = admin::serve(listener, state, stopped).await {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        });
+        tracing::info!(
+            node = settings.node_id,
+            peer = %settings.peer_listen,
+            admin = %settings.admin_listen,
+            shards = settings.shards,
+            fresh,
+            "node started"
+        );
+        Ok(Self {
+            settings,
+            host,
+            map,
+            admin_stop: Some(admin_stop),
+            admin_task: Some(admin_task),
+        })
+    }
+
+    /// The node's Raft groups.
+    pub fn host(&self) -> &Arc<GroupHost> {
+        &self.host
+    }
+
+    /// The shard map.
+    pub fn shard_map(&self) -> ShardMap {
+        self.map
+    }
+
+    /// Waits until every shard has a leader, or `timeout` passes.
+    pub async fn wait_for_leaders(&self, timeout: Duration) -> Result<(), HostError> {
+        for shard in 0..self.settings.shards {
+            self.host.wait_for_leader(group_of(shard), timeout).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops serving and closes storage.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.admin_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.admin_task.take() {
+            let _ = task.await;
+        }
+        self.host.shutdown().await;
+        tracing::info!(node = self.settings.node_id, "node stopped");
+    }
+}
+
+/// Initialises this node's share of the shards with every peer as a voter.
+async fn form_cluster(host: &GroupHost, settings: &Settings) -> anyhow::Result<()> {
+    let nodes: Vec<u64> = settings.peers.keys().copied().collect();
+    let members: BTreeMap<u64, String> = settings.peers.clone();
+    for shard in 0..settings.shards {
+        if initializer(shard, &nodes) != settings.node_id {
+            continue;
+        }
+        tracing::info!(shard, group = group_of(shard), "forming shard");
+        match host.initialize_group(group_of(shard), &members).await {
+            Ok(()) | Err(HostError::AlreadyInitialized(_)) => {}
+            Err(e) => return Err(e).with_context(|| format!("forming shard {shard}")),
+        }
+    }
+    Ok(())
+}
+
+/// Records the data directory's identity on first use, and refuses a
+/// directory made for another node id or shard count.
+fn check_identity(settings: &Settings) -> anyhow::Result<()> {
+    let path = settings.data_dir.join("identity.json");
+    let wanted = Identity {
+        node_id: settings.node_id,
+        shards: settings.shards,
+    };
+    if path.exists() {
+        let found = read_identity(&path)?;
+        if found != wanted {
+            bail!(
+                "{} belongs to node {} of a {}-shard cluster, not node {} with {} shards",
+                settings.data_dir.display(),
+                found.node_id,
+                found.shards,
+                wanted.node_id,
+                wanted.shards
+            );
+        }
+        return Ok(());
+    }
+    let text = serde_json::to_string_pretty(&wanted)?;
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn read_identity(path: &Path) -> anyhow::Result<Identity> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a node identity", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_dealt_round_robin_over_the_nodes() {
+        let nodes = [1, 2, 3];
+        let dealt: Vec<u64> = (0..6).map(|s| initializer(s, &nodes)).collect();
+        assert_eq!(dealt, [1, 2, 3, 1, 2, 3]);
+        assert_eq!(group_of(0), 1, "group 0 stays free for the meta group");
+    }
+}
