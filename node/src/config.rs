@@ -49,11 +49,15 @@ pub enum ConfigError {
 ///
 /// Every flag can also be set in the TOML file given by `--config` (same
 /// name, with `_` for `-`) or by the environment variable shown.
-#[derive(Debug, Default, Parser)]
+///
+/// The TOML file holds the same settings (all optional) as the flags.
+#[derive(Debug, Default, Parser, Deserialize)]
 #[command(name = "fishchat-node", version, about, long_about = None)]
+#[serde(deny_unknown_fields)]
 pub struct Flags {
     /// TOML file with any of the settings below.
     #[arg(long, env = "FISHCHAT_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// This node's id, 1 and up; stable for the life of its data directory.
     #[arg(long, env = "FISHCHAT_NODE_ID")]
@@ -87,22 +91,6 @@ pub struct Flags {
     pub write_timeout_ms: Option<u64>,
 }
 
-/// The settings a TOML file may hold: the flags' names, all optional.
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSettings {
-    node_id: Option<u64>,
-    data_dir: Option<PathBuf>,
-    base_port: Option<u16>,
-    host: Option<String>,
-    peers: Option<String>,
-    shards: Option<u32>,
-    heartbeat_ms: Option<u64>,
-    election_min_ms: Option<u64>,
-    election_max_ms: Option<u64>,
-    write_timeout_ms: Option<u64>,
-}
-
 /// Everything a node needs to start, resolved and checked.
 #[derive(Clone, Debug, Serialize)]
 pub struct Settings {
@@ -131,7 +119,7 @@ impl Settings {
     /// Resolves flags over the file they name over the defaults.
     pub fn resolve(flags: Flags) -> Result<Self, ConfigError> {
         let file = match &flags.config {
-            None => FileSettings::default(),
+            None => Flags::default(),
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.clone(),

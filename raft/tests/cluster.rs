@@ -387,3 +387,41 @@ async fn garbage_on_the_peer_port_gets_an_error_and_groups_keep_serving() -> any
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_can_be_removed_and_added_back_as_learner_then_voter() -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let cluster = Cluster::start(3, 1, test_timing()).await?;
+    let group = cluster.groups[0];
+    let leader_index = cluster.leader_of(group, LONG).await?;
+    let leader = cluster.host(leader_index)?;
+    let leaving = (leader_index + 1) % 3;
+    let leaving_id = leaving as u64 + 1;
+    let staying: std::collections::BTreeSet<u64> = (1..=3).filter(|id| *id != leaving_id).collect();
+
+    // A new leader may change membership once its first entry is committed.
+    leader.wait_applied(group, 1, LONG).await?;
+    leader.change_voters(group, staying.clone()).await?;
+    let voters = leader.status(group).map(|s| s.voters).unwrap_or_default();
+    assert_eq!(
+        voters,
+        staying.iter().copied().collect::<Vec<_>>(),
+        "the replica was removed"
+    );
+    write_many(cluster.live(), &cluster.groups, 0, 20, 2).await?;
+
+    let addr = cluster.host(leaving)?.peer_addr().to_string();
+    leader.add_learner(group, leaving_id, addr).await?;
+    leader.change_voters(group, (1..=3).collect()).await?;
+    let voters = leader.status(group).map(|s| s.voters).unwrap_or_default();
+    assert_eq!(
+        voters,
+        vec![1, 2, 3],
+        "the learner was promoted back to voter"
+    );
+    cluster.wait_converged(LONG).await?;
+    let rejoined = cluster.host(leaving)?;
+    assert_holds_writes(&rejoined, &cluster.groups, &[0, 19])?;
+    cluster.shutdown().await;
+    Ok(())
+}
