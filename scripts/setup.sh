@@ -5,8 +5,13 @@
 set -euo pipefail
 
 have_libclang() {
-  ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' && return 0
-  compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null
+  # On Debian, the package is the truth: a fresh machine can carry the
+  # libclang runtime without the headers bindgen needs.
+  if command -v dpkg >/dev/null; then
+    dpkg -s libclang-dev >/dev/null 2>&1
+    return
+  fi
+  ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so'
 }
 
 if ! have_libclang; then
