@@ -10,14 +10,14 @@
 #   scripts/cluster.sh logs N         the last lines of node N's log
 #   scripts/cluster.sh clean          stop every node and delete the data
 #
-# FISHCHAT_DATA (default ./data) holds each node's data, log and pid file.
+# FISHCHAT_DATA (default data/ in the repository) holds each node's data, log and pid file.
 # FISHCHAT_BASE_PORT (default 7100) moves every port: node N listens for
 # clients on BASE+N (QUIC), for peers on BASE+10+N, for operators on BASE+20+N.
 # FISHCHAT_PROFILE (default release) is the cargo profile to build and run.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-data=${FISHCHAT_DATA:-$PWD/data}
+data=${FISHCHAT_DATA:-$root/data}
 base=${FISHCHAT_BASE_PORT:-7100}
 profile=${FISHCHAT_PROFILE:-release}
 nodes=(1 2 3)
@@ -50,16 +50,18 @@ pid_of() {
   local pid
   pid=$(cat "$file")
   kill -0 "$pid" 2>/dev/null || return 1
+  # A stale pid file may name a process that reused the pid: check it is ours.
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "fishchat-node --node-id $1 " || return 1
   echo "$pid"
 }
 
 # GET http://127.0.0.1:PORT/PATH with bash alone (no curl needed); prints the body.
 http_get() {
   local port=$1 path=$2
-  exec 3<>"/dev/tcp/127.0.0.1/$port" || return 1
-  printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3
-  sed '1,/^\r$/d' <&3
-  exec 3<&-
+  timeout 5 bash -c '
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" "$2" >&3
+    sed "1,/^\r$/d" <&3' _ "$port" "$path"
 }
 
 start_node() {
@@ -83,7 +85,7 @@ stop_node() {
     echo "node $n is not running"
     return 0
   fi
-  kill -TERM "$pid"
+  kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 150); do
     kill -0 "$pid" 2>/dev/null || { echo "node $n stopped"; rm -f "$data/node$n.pid"; return 0; }
     sleep 0.1
@@ -97,10 +99,15 @@ stop_node() {
 wait_ready() {
   local deadline=$((SECONDS + 90)) n body
   for n in "${nodes[@]}"; do
-    pid_of "$n" >/dev/null || continue
     while :; do
+      # The pid file's process, even before it has exec'd the node binary.
+      kill -0 "$(cat "$data/node$n.pid" 2>/dev/null || echo none)" 2>/dev/null || {
+        tail -n 20 "$data/node$n.log" >&2
+        die "node $n is not running (its log ends above)"
+      }
       body=$(http_get $((base + 20 + n)) /status 2>/dev/null || true)
-      if [ -n "$body" ] && ! grep -q '"leader":null' <<<"$body" && grep -q '"shards":\[{' <<<"$body"; then
+      if grep -q "\"node\":$n," <<<"$body" && ! grep -q '"leader":null' <<<"$body" \
+        && grep -q '"shards":\[{' <<<"$body"; then
         break
       fi
       [ $SECONDS -lt $deadline ] || die "node $n: not every shard has a leader after 90 s (see scripts/cluster.sh logs $n)"
@@ -123,7 +130,7 @@ status() {
       continue
     fi
     if command -v python3 >/dev/null; then
-      python3 - "$body" <<'PY'
+      python3 - "$body" <<'PY' || echo "node $n: unexpected /status answer"
 import json, sys
 d = json.loads(sys.argv[1])
 lead = sum(1 for s in d['shards'] if s['role'] == 'leader')
@@ -165,7 +172,7 @@ case "$cmd" in
     echo "removed $data"
     ;;
   *)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     [ -z "$cmd" ] || exit 2
     ;;
 esac

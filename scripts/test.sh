@@ -18,7 +18,7 @@ status=0
 # Build every target first: cluster-tests run the fishchat-node binary itself.
 cargo build --workspace --all-targets --locked 2>&1 | tee "$log" || status=$?
 if [ "$status" -eq 0 ]; then
-  cargo test --workspace --locked 2>&1 | tee -a "$log" || status=$?
+  cargo test --workspace --locked --no-fail-fast 2>&1 | tee -a "$log" || status=$?
 fi
 
 passed=$(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')

@@ -257,16 +257,20 @@ fn node_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// A base port whose client, peer and admin ports for `nodes` nodes are free.
+/// Bases lie in 10000..32000, below Linux's ephemeral range (32768 and up),
+/// so a peer's outgoing connection cannot take a port a restarted node needs.
 fn free_base_port(nodes: u64) -> anyhow::Result<u16> {
-    let start = 20_000 + (std::process::id() % 500) as u16 * 40;
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    let start = (std::process::id() % 500) * 40;
     for _ in 0..200 {
-        let offset = NEXT_BASE.fetch_add(40, Ordering::Relaxed);
-        let base = 20_000 + (start - 20_000 + offset) % 40_000;
+        let offset = u32::from(NEXT_BASE.fetch_add(40, Ordering::Relaxed));
+        let base = (LOW + (start + offset) % SPAN) as u16;
         let free = (1..=nodes).all(|n| {
             [0u64, 10, 20].iter().all(|rule| {
-                let port = base as u64 + rule + n;
-                TcpListener::bind(("127.0.0.1", port as u16)).is_ok()
-                    && std::net::UdpSocket::bind(("127.0.0.1", port as u16)).is_ok()
+                let port = (base as u64 + rule + n) as u16;
+                TcpListener::bind(("127.0.0.1", port)).is_ok()
+                    && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
             })
         });
         if free {

@@ -143,20 +143,13 @@ fn collect(state: &AdminState) -> NodeStatus {
     }
 }
 
-async fn status(State(state): State<AdminState>) -> Json<NodeStatus> {
-    let collected = tokio::task::spawn_blocking(move || collect(&state)).await;
-    match collected {
-        Ok(status) => Json(status),
+async fn status(State(state): State<AdminState>) -> Response {
+    // Digests read every shard's state: off the async workers.
+    match tokio::task::spawn_blocking(move || collect(&state)).await {
+        Ok(status) => Json(status).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "status collection failed");
-            Json(NodeStatus {
-                node: 0,
-                peers: BTreeMap::new(),
-                client_addr: String::new(),
-                shards: Vec::new(),
-                wal_syncs: 0,
-                writes_per_sync: 0.0,
-            })
+            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
         }
     }
 }

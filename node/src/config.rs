@@ -159,10 +159,20 @@ impl Settings {
                 .map(|id| Ok((id, format!("{host}:{}", port(10, id)?))))
                 .collect::<Result<_, ConfigError>>()?,
         };
-        if !peers.contains_key(&node_id) {
-            return Err(ConfigError::Invalid(format!(
-                "node {node_id} is not in the peer list {peers:?}"
-            )));
+        let peer_listen = addr(10)?;
+        match peers.get(&node_id) {
+            None => {
+                return Err(ConfigError::Invalid(format!(
+                    "node {node_id} is not in the peer list {peers:?}"
+                )))
+            }
+            // Peers dial what the list says: it must be where this node listens.
+            Some(listed) if *listed != peer_listen.to_string() => {
+                return Err(ConfigError::Invalid(format!(
+                    "the peer list gives node {node_id} the address {listed}, but it listens on {peer_listen} (host and base port)"
+                )))
+            }
+            Some(_) => {}
         }
         let shards = flags.shards.or(file.shards).unwrap_or(DEFAULT_SHARDS);
         if shards == 0 {
@@ -200,7 +210,7 @@ impl Settings {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(format!("data/node{node_id}"))),
             client_listen: addr(0)?,
-            peer_listen: addr(10)?,
+            peer_listen,
             admin_listen: addr(20)?,
             peers,
             shards,
@@ -284,7 +294,8 @@ mod tests {
             ..Flags::default()
         });
         assert!(matches!(typo, Err(ConfigError::Parse { .. })), "{typo:?}");
-        for peers in ["", "1=a,1=b", "x=a", "0=a", "1"] {
+        // The last case lists node 1 on a port it does not listen on.
+        for peers in ["", "1=a,1=b", "x=a", "0=a", "1", "1=127.0.0.1:9999"] {
             let refused = Settings::resolve(Flags {
                 peers: Some(peers.into()),
                 ..Flags::default()

@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use clap::Parser;
 use fishchat_node::config::Flags;
 use fishchat_node::{Node, Settings};
+use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -19,19 +20,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let settings = Settings::resolve(Flags::parse())?;
-    let node = Node::start(settings).await?;
-    wait_for_stop_signal().await?;
-    tracing::info!("stop signal received");
-    node.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_stop_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
+    // Registered before starting, so a SIGTERM during start-up is a clean stop too.
     let mut terminate = signal(SignalKind::terminate())?;
+    let node = Node::start(settings).await?;
     tokio::select! {
         _ = terminate.recv() => {}
         result = tokio::signal::ctrl_c() => result?,
     }
+    tracing::info!("stop signal received");
+    node.shutdown().await;
     Ok(())
 }

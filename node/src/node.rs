@@ -61,9 +61,9 @@ impl Node {
             host.open_group(group_of(shard), ChatMachine::new(shard, map))
                 .await?;
         }
-        if fresh {
-            form_cluster(&host, &settings).await?;
-        }
+        // Every start, not only the first: a node stopped half-way through
+        // forming must still initialise its share; initialised shards refuse.
+        form_cluster(&host, &settings).await?;
         let (admin_stop, stopped) = oneshot::channel();
         let listener = tokio::net::TcpListener::bind(settings.admin_listen)
             .await
@@ -122,7 +122,8 @@ impl Node {
     }
 }
 
-/// Initialises this node's share of the shards with every peer as a voter.
+/// Initialises this node's share of the shards with every peer as a voter;
+/// a shard that has Raft state already is left alone.
 async fn form_cluster(host: &GroupHost, settings: &Settings) -> anyhow::Result<()> {
     let nodes: Vec<u64> = settings.peers.keys().copied().collect();
     let members: BTreeMap<u64, String> = settings.peers.clone();
@@ -130,9 +131,9 @@ async fn form_cluster(host: &GroupHost, settings: &Settings) -> anyhow::Result<(
         if initializer(shard, &nodes) != settings.node_id {
             continue;
         }
-        tracing::info!(shard, group = group_of(shard), "forming shard");
         match host.initialize_group(group_of(shard), &members).await {
-            Ok(()) | Err(HostError::AlreadyInitialized(_)) => {}
+            Ok(()) => tracing::info!(shard, group = group_of(shard), "formed shard"),
+            Err(HostError::AlreadyInitialized(_)) => {}
             Err(e) => return Err(e).with_context(|| format!("forming shard {shard}")),
         }
     }
