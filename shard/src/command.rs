@@ -12,6 +12,8 @@ use crate::{MessageId, ShardId, UserId, Version};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Creates an account; proposed to `shard_of_username(username)`.
+    /// Idempotent: the same username with the same (salted) hash answers
+    /// the first registration again.
     Register {
         /// The name, as typed; unique without regard to case.
         username: String,

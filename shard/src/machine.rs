@@ -44,7 +44,15 @@ impl ChatMachine {
             return Ok(self.wrong_shard(format!("username {username:?}")));
         }
         let key = keys::account(&username);
-        if state.get(&key)?.is_some() {
+        if let Some(bytes) = state.get(&key)? {
+            let existing: Account = keys::decode(&bytes).map_err(corrupt)?;
+            // A password hash carries a random salt: the same hash means the
+            // same registration, retried after its answer was lost.
+            if existing.password_hash == password_hash {
+                return Ok(Reply::Registered {
+                    user_id: existing.user_id,
+                });
+            }
             return Ok(Reply::Refused(CommandError::UsernameTaken));
         }
         let user_id = self.map.id_in_shard(self.shard, next(state, USERS)?);
