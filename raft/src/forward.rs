@@ -122,10 +122,7 @@ impl GroupHost {
         let mut attempts = Attempts::new(self.write_timeout());
         loop {
             let outcome = match &attempts.target {
-                Target::Local => match self.linearize(group).await {
-                    Ok(()) => self.scan_local(group, from, to, limit),
-                    Err(refused) => Err(refused),
-                },
+                Target::Local => self.local().scan_linearized(group, from, to, limit).await,
                 Target::Peer(id, addr) => {
                     self.transport()
                         .scan(*id, addr, group, from, to, limit, attempts.remaining())

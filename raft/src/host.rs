@@ -247,6 +247,11 @@ impl GroupHost {
         self.config.write_timeout
     }
 
+    /// This node's replicas, served without forwarding.
+    pub(crate) fn local(&self) -> &LocalGroups {
+        &self.local
+    }
+
     /// The node's connections to its peers.
     pub(crate) fn transport(&self) -> &PeerTransport {
         &self.transport

@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::BasicNode;
 
 use crate::error::{ReadError, WriteError};
 use crate::network::GroupTable;
 use crate::storage::{self, Engine};
-use crate::types::{Command, GroupId, KeyValue};
+use crate::types::{Command, GroupId, KeyValue, NodeId};
 
 /// Limits applied to every write, local or forwarded.
 #[derive(Clone, Copy, Debug)]
@@ -63,10 +64,11 @@ impl LocalGroups {
             Err(_) => Err(WriteError::Timeout { group, timeout }),
             Ok(Ok(answer)) => Ok(answer.data.0),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                let (leader, leader_addr) = hint(forward);
                 Err(WriteError::NotLeader {
                     group,
-                    leader: forward.leader_id,
-                    leader_addr: forward.leader_node.map(|n| n.addr),
+                    leader,
+                    leader_addr,
                 })
             }
             Ok(Err(e)) => Err(WriteError::Stopped {
@@ -87,10 +89,11 @@ impl LocalGroups {
         match confirmed {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
+                let (leader, leader_addr) = hint(forward);
                 Err(ReadError::NotLeader {
                     group,
-                    leader: forward.leader_id,
-                    leader_addr: forward.leader_node.map(|n| n.addr),
+                    leader,
+                    leader_addr,
                 })
             }
             Ok(Err(e)) => Err(ReadError::Unavailable {
@@ -147,4 +150,9 @@ impl LocalGroups {
             None => Err(ReadError::UnknownGroup(group)),
         }
     }
+}
+
+/// The leader (id and peer address) an openraft refusal names, when known.
+fn hint(forward: ForwardToLeader<NodeId, BasicNode>) -> (Option<NodeId>, Option<String>) {
+    (forward.leader_id, forward.leader_node.map(|n| n.addr))
 }
