@@ -10,7 +10,9 @@
 #   scripts/cluster.sh logs N         the last lines of node N's log
 #   scripts/cluster.sh clean          stop every node and delete the data
 #
-# FISHCHAT_DATA (default data/ in the repository) holds each node's data, log and pid file.
+# FISHCHAT_DATA (default data/ in the repository) holds each node's data, log and pid
+# file, and the cluster's keys: ca.pem (the CA clients trust), node.pem/node.key and
+# token.key, made once by `fishchat-node init` on the first start.
 # FISHCHAT_BASE_PORT (default 7100) moves every port: node N listens for
 # clients on BASE+N (QUIC), for peers on BASE+10+N, for operators on BASE+20+N.
 # FISHCHAT_PROFILE (default release) is the cargo profile to build and run.
@@ -24,9 +26,10 @@ nodes=(1 2 3)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fishchat/target}"
 
 case "$profile" in
-  dev | debug) bin="$CARGO_TARGET_DIR/debug/fishchat-node" ;;
-  *) bin="$CARGO_TARGET_DIR/$profile/fishchat-node" ;;
+  dev | debug) bindir="$CARGO_TARGET_DIR/debug" ;;
+  *) bindir="$CARGO_TARGET_DIR/$profile" ;;
 esac
+bin="$bindir/fishchat-node"
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 
@@ -72,6 +75,7 @@ start_node() {
   fi
   [ -x "$bin" ] || die "$bin is missing: run 'scripts/cluster.sh start' to build it"
   mkdir -p "$data"
+  "$bin" init --dir "$data" >/dev/null
   FISHCHAT_LOG=${FISHCHAT_LOG:-info,openraft=warn} \
     nohup "$bin" --node-id "$n" --data-dir "$data/node$n" --base-port "$base" \
     >>"$data/node$n.log" 2>&1 </dev/null &
@@ -155,7 +159,8 @@ case "$cmd" in
     echo
     echo "cluster is up: every shard has a leader. For clients:"
     echo "  export FISHCHAT_SERVER=127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
-    echo "  export FISHCHAT_DATA=$data"
+    echo "  export FISHCHAT_CA=$data/ca.pem"
+    echo "  export PATH=\"$bindir:\$PATH\"   # the fishchat client"
     ;;
   stop) for n in "${nodes[@]}"; do stop_node "$n"; done ;;
   status) status ;;

@@ -4,7 +4,9 @@
 //! data, injects faults from outside (SIGKILL, SIGTERM), and stops every
 //! process it started when dropped, also when a test fails or panics.
 //!
-//! It must not link any FishChat crate: what it checks is what a user sees.
+//! It links no server crate: what it checks is what a user sees. Tests drive
+//! the cluster as users do, with the client SDK (`fishchat-client`) and the
+//! `fishchat` command-line client.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -30,6 +32,7 @@ pub struct Cluster {
     base_port: u16,
     nodes: Vec<NodeProcess>,
     shards: u32,
+    extra_args: Vec<String>,
 }
 
 /// Next candidate base port; each cluster takes 40 ports.
@@ -38,7 +41,14 @@ static NEXT_BASE: AtomicU16 = AtomicU16::new(0);
 impl Cluster {
     /// Starts `nodes` nodes with `shards` shards.
     pub fn start(nodes: u64, shards: u32) -> anyhow::Result<Self> {
-        let binary = node_binary()?;
+        Self::start_with(nodes, shards, &[])
+    }
+
+    /// Starts `nodes` nodes with `shards` shards, passing `extra_args` to
+    /// every node. The cluster's keys are made first, as
+    /// `scripts/cluster.sh start` does.
+    pub fn start_with(nodes: u64, shards: u32, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let binary = sibling_binary("fishchat-node", "FISHCHAT_NODE_BIN")?;
         let base_port = free_base_port(nodes)?;
         let mut cluster = Self {
             dir: tempfile::tempdir()?,
@@ -46,7 +56,17 @@ impl Cluster {
             base_port,
             nodes: Vec::new(),
             shards,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
+        let init = Command::new(&cluster.binary)
+            .arg("init")
+            .arg("--dir")
+            .arg(cluster.dir.path())
+            .stdout(Stdio::null())
+            .status()?;
+        if !init.success() {
+            bail!("fishchat-node init failed: {init}");
+        }
         cluster.nodes = (1..=nodes)
             .map(|id| NodeProcess { id, child: None })
             .collect();
@@ -92,6 +112,7 @@ impl Cluster {
             .arg(self.peers())
             .arg("--shards")
             .arg(self.shards.to_string())
+            .args(&self.extra_args)
             .env("FISHCHAT_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -143,6 +164,37 @@ impl Cluster {
             bail!("kill -TERM failed for node {id}");
         }
         wait_exit(&mut child, timeout)
+    }
+
+    /// The client (QUIC) address of node `id`.
+    pub fn client_addr(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.base_port as u64 + id)
+    }
+
+    /// The client addresses of every node, node 1 first.
+    pub fn client_addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| self.client_addr(n.id)).collect()
+    }
+
+    /// The cluster CA's certificate file, which clients trust.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Waits until node `id` reports a leader for every shard.
+    pub fn wait_ready(&self, id: u64, timeout: Duration) -> anyhow::Result<()> {
+        self.eventually(
+            &format!("node {id} sees every shard's leader"),
+            timeout,
+            |c| {
+                let status = c.status(id)?;
+                let shards = status["shards"]
+                    .as_array()
+                    .ok_or_else(|| anyhow!("/status has no shards"))?;
+                let led = !shards.is_empty() && shards.iter().all(|s| !s["leader"].is_null());
+                Ok(led.then_some(()))
+            },
+        )
     }
 
     /// The admin port of node `id`.
@@ -234,10 +286,15 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> anyhow::Result<ExitStatus>
     }
 }
 
-/// The `fishchat-node` binary: `FISHCHAT_NODE_BIN`, or beside this test's
-/// own target directory (built by `scripts/test.sh`).
-fn node_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(path) = std::env::var("FISHCHAT_NODE_BIN") {
+/// The `fishchat` command-line client beside this test's binaries.
+pub fn cli_binary() -> anyhow::Result<PathBuf> {
+    sibling_binary("fishchat", "FISHCHAT_CLI_BIN")
+}
+
+/// A binary of the workspace: `$env_var`, or `name` in this test's own target
+/// directory (built by `scripts/test.sh`).
+fn sibling_binary(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var(env_var) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe()?;
@@ -246,7 +303,7 @@ fn node_binary() -> anyhow::Result<PathBuf> {
         .parent()
         .and_then(Path::parent)
         .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
-    let binary = profile_dir.join("fishchat-node");
+    let binary = profile_dir.join(name);
     if !binary.exists() {
         bail!(
             "{} is missing: build it with `cargo build --workspace --all-targets` (scripts/test.sh does)",

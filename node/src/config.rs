@@ -89,6 +89,58 @@ pub struct Flags {
     /// How long a write may wait for its commit, in milliseconds [default: 10000].
     #[arg(long, env = "FISHCHAT_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
+    /// Directory with the cluster's keys made by `fishchat-node init`
+    /// [default: the data directory's parent].
+    #[arg(long, env = "FISHCHAT_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// How long a session token is valid, in seconds [default: 86400].
+    #[arg(long, env = "FISHCHAT_TOKEN_LIFETIME_SECS")]
+    pub token_lifetime_secs: Option<u64>,
+    /// Largest message body, in bytes [default: 65536].
+    #[arg(long, env = "FISHCHAT_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<u32>,
+    /// Largest frame payload a client may send, in bytes [default: 1048576].
+    #[arg(long, env = "FISHCHAT_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<u32>,
+    /// Requests in flight per client connection [default: 64].
+    #[arg(long, env = "FISHCHAT_MAX_REQUESTS_IN_FLIGHT")]
+    pub max_requests_in_flight: Option<u32>,
+}
+
+/// Limits of the client protocol (reported to clients at login).
+#[derive(Clone, Debug, Serialize)]
+pub struct Limits {
+    /// Largest frame payload read from a client.
+    pub max_frame_bytes: u32,
+    /// Largest message body.
+    pub max_body_bytes: u32,
+    /// Requests in flight per connection (QUIC's max bidirectional streams).
+    pub max_requests_in_flight: u32,
+    /// Largest sync page.
+    pub max_sync_limit: u32,
+    /// Sync page when the client asks for 0.
+    pub default_sync_limit: u32,
+    /// How long a session token is valid.
+    pub token_lifetime: Duration,
+    /// Shortest password, in characters.
+    pub min_password_chars: usize,
+    /// Longest password, in bytes.
+    pub max_password_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 1 << 20,
+            max_body_bytes: 64 * 1024,
+            max_requests_in_flight: 64,
+            max_sync_limit: 1000,
+            default_sync_limit: 100,
+            token_lifetime: Duration::from_secs(24 * 3600),
+            min_password_chars: 8,
+            max_password_bytes: 1024,
+        }
+    }
 }
 
 /// Everything a node needs to start, resolved and checked.
@@ -113,6 +165,10 @@ pub struct Settings {
     pub timing: RaftTiming,
     /// How long a write may wait for its commit.
     pub write_timeout: Duration,
+    /// Where the cluster's keys are.
+    pub tls_dir: PathBuf,
+    /// Limits of the client protocol.
+    pub limits: Limits,
 }
 
 impl Settings {
@@ -203,12 +259,56 @@ impl Settings {
                 "timing must satisfy heartbeat < election-min < election-max".into(),
             ));
         }
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(format!("data/node{node_id}")));
+        let tls_dir = flags
+            .tls_dir
+            .or(file.tls_dir)
+            .unwrap_or_else(|| match data_dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+                _ => PathBuf::from("."),
+            });
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_frame_bytes: flags
+                .max_frame_bytes
+                .or(file.max_frame_bytes)
+                .unwrap_or(defaults.max_frame_bytes),
+            max_body_bytes: flags
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(defaults.max_body_bytes),
+            max_requests_in_flight: flags
+                .max_requests_in_flight
+                .or(file.max_requests_in_flight)
+                .unwrap_or(defaults.max_requests_in_flight),
+            token_lifetime: flags
+                .token_lifetime_secs
+                .or(file.token_lifetime_secs)
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.token_lifetime),
+            ..defaults
+        };
+        // A body must fit in a frame with room for the rest of a request, and
+        // one entry of any size must fit in a sync page.
+        if u64::from(limits.max_body_bytes) + 4096 > u64::from(limits.max_frame_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "max body ({}) must be at least 4096 bytes below max frame ({})",
+                limits.max_body_bytes, limits.max_frame_bytes
+            )));
+        }
+        if limits.max_requests_in_flight == 0 || limits.token_lifetime.is_zero() {
+            return Err(ConfigError::Invalid(
+                "requests in flight and token lifetime must be above 0".into(),
+            ));
+        }
         Ok(Self {
             node_id,
-            data_dir: flags
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from(format!("data/node{node_id}"))),
+            data_dir,
+            tls_dir,
+            limits,
             client_listen: addr(0)?,
             peer_listen,
             admin_listen: addr(20)?,
@@ -266,6 +366,12 @@ mod tests {
         assert_eq!(settings.peers[&3], "127.0.0.1:7113");
         assert_eq!(settings.shards, 16);
         assert_eq!(settings.data_dir, PathBuf::from("data/node2"));
+        assert_eq!(
+            settings.tls_dir,
+            PathBuf::from("data"),
+            "keys sit beside the nodes' data"
+        );
+        assert_eq!(settings.limits.max_body_bytes, 65536);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use fishchat_proto::client::kick::Reason;
 use fishchat_raft::{GroupHost, GroupId, HostConfig, HostError};
 use fishchat_shard::{ChatMachine, ShardId, ShardMap};
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin;
+use crate::chat::Chat;
 use crate::config::Settings;
+use crate::events::Events;
+use crate::quic::ClientEndpoint;
+use crate::sessions::Sessions;
+use crate::token::TokenKey;
+use crate::{outbox, tls};
 
 /// The Raft group that holds shard `shard` (group 0 is kept for the meta group).
 pub fn group_of(shard: ShardId) -> GroupId {
@@ -42,6 +49,10 @@ pub struct Node {
     map: ShardMap,
     admin_stop: Option<oneshot::Sender<()>>,
     admin_task: Option<JoinHandle<()>>,
+    sessions: Arc<Sessions>,
+    clients: Option<ClientEndpoint>,
+    pump_stop: tokio::sync::watch::Sender<bool>,
+    pump_task: Option<JoinHandle<()>>,
 }
 
 impl Node {
@@ -50,11 +61,16 @@ impl Node {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating {}", settings.data_dir.display()))?;
         check_identity(&settings)?;
+        let keys = tls::load(&settings.tls_dir)?;
         let map = ShardMap::new(settings.shards).context("a cluster needs at least one shard")?;
+        let sessions = Arc::new(Sessions::default());
         let mut host_config =
             HostConfig::new(settings.node_id, &settings.data_dir, settings.peer_listen);
         host_config.timing = settings.timing.clone();
         host_config.write_timeout = settings.write_timeout;
+        host_config.services = Some(tonic::service::Routes::new(Events::service(
+            sessions.clone(),
+        )));
         let host = Arc::new(GroupHost::start(host_config).await?);
         let fresh = host.stored_groups()?.is_empty();
         for shard in 0..settings.shards {
@@ -64,6 +80,31 @@ impl Node {
         // Every start, not only the first: a node stopped half-way through
         // forming must still initialise its share; initialised shards refuse.
         form_cluster(&host, &settings).await?;
+
+        let other_peers: Vec<String> = settings
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != settings.node_id)
+            .map(|(_, addr)| addr.clone())
+            .collect();
+        let events = Arc::new(Events::new(sessions.clone(), &other_peers));
+        let chat = Arc::new(Chat::new(
+            host.clone(),
+            map,
+            TokenKey::new(&keys.token_secret),
+            settings.limits.clone(),
+            events.clone(),
+            client_addrs(&settings),
+        ));
+        let clients = ClientEndpoint::start(
+            settings.client_listen,
+            keys.server_crypto,
+            chat,
+            sessions.clone(),
+        )?;
+        let (pump_stop, pump_stopped) = tokio::sync::watch::channel(false);
+        let pump_task = tokio::spawn(outbox::run(host.clone(), map, events, pump_stopped));
+
         let (admin_stop, stopped) = oneshot::channel();
         let listener = tokio::net::TcpListener::bind(settings.admin_listen)
             .await
@@ -76,6 +117,7 @@ impl Node {
         });
         tracing::info!(
             node = settings.node_id,
+            client = %settings.client_listen,
             peer = %settings.peer_listen,
             admin = %settings.admin_listen,
             shards = settings.shards,
@@ -88,6 +130,10 @@ impl Node {
             map,
             admin_stop: Some(admin_stop),
             admin_task: Some(admin_task),
+            sessions,
+            clients: Some(clients),
+            pump_stop,
+            pump_task: Some(pump_task),
         })
     }
 
@@ -111,6 +157,16 @@ impl Node {
 
     /// Stops serving and closes storage.
     pub async fn shutdown(mut self) {
+        // Clients first: they are told to go elsewhere while peers still serve.
+        self.sessions.end_all(Reason::ShuttingDown);
+        if let Some(clients) = self.clients.take() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            clients.shutdown().await;
+        }
+        let _ = self.pump_stop.send(true);
+        if let Some(task) = self.pump_task.take() {
+            let _ = task.await;
+        }
         if let Some(stop) = self.admin_stop.take() {
             let _ = stop.send(());
         }
@@ -120,6 +176,20 @@ impl Node {
         self.host.shutdown().await;
         tracing::info!(node = self.settings.node_id, "node stopped");
     }
+}
+
+/// The client address of every node, by the port rule: a node's QUIC port is
+/// its peer port minus 10.
+fn client_addrs(settings: &Settings) -> Vec<String> {
+    settings
+        .peers
+        .values()
+        .filter_map(|peer| {
+            let (host, port) = peer.rsplit_once(':')?;
+            let port: u16 = port.parse().ok()?;
+            Some(format!("{host}:{}", port.checked_sub(10)?))
+        })
+        .collect()
 }
 
 /// Initialises this node's share of the shards with every peer as a voter;

@@ -1,7 +1,8 @@
 //! FishChat wire types.
 //!
 //! This crate owns every message that crosses a process boundary and nothing
-//! else: it holds generated code and no logic. It defines the peer service
+//! else: generated code, and the client protocol's framing ([`frame`]), which
+//! is part of the wire format and is shared by server and SDK. It defines the peer service
 //! that carries Raft traffic between nodes ([`peer`]) and the client protocol
 //! spoken over QUIC ([`client`], documented in `docs/protocol.md`).
 //!
@@ -19,3 +20,5 @@ pub mod peer {
 pub mod client {
     tonic::include_proto!("fishchat.client.v1");
 }
+
+pub mod frame;

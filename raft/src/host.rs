@@ -92,6 +92,9 @@ pub struct HostConfig {
     /// Largest command accepted by [`GroupHost::write`]; keeps every
     /// append-entries message far below the peer message limit.
     pub max_command_bytes: usize,
+    /// More gRPC services to serve on the peer port beside Raft's own (the
+    /// layer above uses it for its node-to-node messages).
+    pub services: Option<tonic::service::Routes>,
 }
 
 impl HostConfig {
@@ -104,6 +107,7 @@ impl HostConfig {
             timing: RaftTiming::default(),
             write_timeout: Duration::from_secs(10),
             max_command_bytes: 1024 * 1024,
+            services: None,
         }
     }
 }
@@ -208,11 +212,16 @@ impl GroupHost {
         let service = RaftPeerServer::new(PeerService::new(local.clone()))
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        let routes = config
+            .services
+            .clone()
+            .unwrap_or_default()
+            .add_service(service);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
-                .add_service(service)
+                .add_routes(routes)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stopped.await;
                 }),

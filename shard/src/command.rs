@@ -45,6 +45,27 @@ pub enum Command {
         /// Sequence numbers of the delivered items.
         items: Vec<u64>,
     },
+    /// Records a named device's new session; proposed to the user's shard.
+    /// The device's earlier session, if any, is revoked.
+    OpenSession {
+        /// The user logging in.
+        user: UserId,
+        /// The new session's id (random, chosen by the node).
+        session: u64,
+        /// The device name (not empty).
+        device: String,
+        /// When the new session's token expires, ms since the Unix epoch.
+        expires_ms: u64,
+    },
+    /// Revokes a session (logout); proposed to the user's shard. Idempotent.
+    Revoke {
+        /// The session's user.
+        user: UserId,
+        /// The session.
+        session: u64,
+        /// When the session's token expires anyway.
+        expires_ms: u64,
+    },
 }
 
 /// An entry one shard committed that another shard must append to an inbox.
@@ -101,12 +122,26 @@ pub enum Reply {
         /// True when this repeats the reply to an earlier send with the same
         /// (sender, client message id); nothing new was stored.
         duplicate: bool,
+        /// The sender's copy, when it lives in another shard and is still
+        /// in this shard's outbox: the proposer delivers it at once (the
+        /// outbox pump would, later).
+        copy: Option<Delivery>,
     },
     /// The delivery is in the owner's inbox (now or by an earlier delivery of
     /// the same item).
-    Delivered,
+    Delivered {
+        /// The entry's version in the owner's inbox.
+        version: Version,
+    },
     /// Outbox items were forgotten.
     Forgotten,
+    /// The device's session is recorded.
+    SessionOpened {
+        /// The device's earlier session, now revoked.
+        replaced: Option<u64>,
+    },
+    /// The session is revoked.
+    Revoked,
     /// The command was refused; nothing changed.
     Refused(CommandError),
 }

@@ -9,22 +9,28 @@
 //! | `i` · user id · version (u64 BE) | [`InboxEntry`] |
 //! | `d` · sender id · client message id | [`SendReceipt`] |
 //! | `o` · item sequence (u64 BE) | [`Delivery`] waiting to reach its target shard |
-//! | `r` · source shard (u32 BE) · item sequence | empty: that item was delivered here |
+//! | `r` · source shard (u32 BE) · item sequence | version the item got here (u64 BE) |
+//! | `k` · user id · session id (u64 BE) | revoked session: its expiry (u64 BE ms) |
+//! | `e` · user id · device name | [`DeviceSession`]: the device's current session |
 //!
 //! Integers are big-endian so that keys sort numerically: an inbox is one
 //! contiguous range in version order, which is what sync scans.
 
 use serde::{Deserialize, Serialize};
 
-use crate::{InboxEntry, MessageId, ShardId, UserId, Version};
+use crate::{Delivery, InboxEntry, MessageId, ShardId, UserId, Version};
 
 /// A registered user.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Account {
-    pub(crate) user_id: UserId,
-    pub(crate) username: String,
-    pub(crate) password_hash: String,
-    pub(crate) created_ms: u64,
+pub struct Account {
+    /// The id the shard assigned.
+    pub user_id: UserId,
+    /// The name as registered.
+    pub username: String,
+    /// Argon2 hash in PHC string form.
+    pub password_hash: String,
+    /// When the account was created, ms since the Unix epoch.
+    pub created_ms: u64,
 }
 
 /// The first result of a send, kept to answer its retries.
@@ -33,6 +39,67 @@ pub(crate) struct SendReceipt {
     pub(crate) message_id: MessageId,
     pub(crate) version: Version,
     pub(crate) timestamp_ms: u64,
+    /// The outbox item carrying the sender's copy (0: none, the copy was
+    /// appended directly or the sender is the recipient).
+    #[serde(default)]
+    pub(crate) outbox_item: u64,
+}
+
+/// The session a named device holds, so a newer login of the same device
+/// can end it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DeviceSession {
+    pub(crate) session: u64,
+    pub(crate) expires_ms: u64,
+}
+
+/// Key of the account named `username` (in any letter case).
+pub fn account_key(username: &str) -> Vec<u8> {
+    account(username)
+}
+
+/// Decodes a stored account (the value at [`account_key`]).
+pub fn decode_account(bytes: &[u8]) -> Result<Account, DecodeError> {
+    decode(bytes)
+}
+
+/// Key whose presence says that `session` of `user` was revoked.
+pub fn revoked_key(user: UserId, session: u64) -> Vec<u8> {
+    let mut key = with_u64(b'k', user);
+    key.extend_from_slice(&session.to_be_bytes());
+    key
+}
+
+pub(crate) fn device(user: UserId, device: &str) -> Vec<u8> {
+    let mut key = with_u64(b'e', user);
+    key.extend_from_slice(device.as_bytes());
+    key
+}
+
+/// `[from, to)` of every outbox item of a shard, in item order.
+pub fn outbox_range() -> (Vec<u8>, Vec<u8>) {
+    (vec![b'o'], vec![b'p'])
+}
+
+/// Decodes an outbox item (a value of [`outbox_range`]).
+pub fn decode_delivery(bytes: &[u8]) -> Result<Delivery, DecodeError> {
+    decode(bytes)
+}
+
+/// `[from, to)` of the delivery markers a shard holds for items `first..=last`
+/// of `source`'s outbox. The last 8 bytes of each key are the item number.
+pub fn received_range(source: ShardId, first: u64, last: u64) -> (Vec<u8>, Vec<u8>) {
+    let to = match last.checked_add(1) {
+        Some(next) => received(source, next),
+        None => received(source.saturating_add(1), 0),
+    };
+    (received(source, first), to)
+}
+
+/// The item number in a key of [`received_range`].
+pub fn received_item(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
 }
 
 pub(crate) fn account(username: &str) -> Vec<u8> {

@@ -18,6 +18,9 @@
 //! * **The dedup table**: (sender, client message id) → the first result, so a
 //!   retried send returns the same message id and version and creates nothing
 //!   (G3).
+//! * **Revoked sessions** of its users (logout, a device's newer login), kept
+//!   until the session's token expires, and each named device's current
+//!   session.
 //! * **The outbox**: entries this shard committed that must reach another
 //!   shard (the sender's own copy of a message when the sender lives
 //!   elsewhere). Each item has a shard-local sequence number; the receiving
@@ -43,8 +46,11 @@ mod machine;
 mod shard_map;
 
 pub use command::{Command, CommandError, Delivery, InboxEntry, Reply};
-pub use keys::{decode_entry, inbox_range, latest_version_key, DecodeError};
-pub use machine::ChatMachine;
+pub use keys::{
+    account_key, decode_account, decode_delivery, decode_entry, inbox_range, latest_version_key,
+    outbox_range, received_item, received_range, revoked_key, Account, DecodeError,
+};
+pub use machine::{valid_username, ChatMachine};
 pub use shard_map::{ShardId, ShardMap, UserId};
 
 /// A position in one user's inbox: 1 for the first entry, then 2, 3, …

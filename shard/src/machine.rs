@@ -3,7 +3,7 @@
 use fishchat_raft::{ApplyError, StateMachine, StateTxn};
 
 use crate::command::{Command, CommandError, Delivery, InboxEntry, Reply};
-use crate::keys::{self, Account, SendReceipt};
+use crate::keys::{self, Account, DeviceSession, SendReceipt};
 use crate::{ShardId, ShardMap, UserId, Version};
 
 /// Longest accepted username, in characters.
@@ -87,11 +87,19 @@ impl ChatMachine {
         let receipt_key = keys::receipt(sender, &client_msg_id);
         if let Some(bytes) = state.get(&receipt_key)? {
             let first: SendReceipt = keys::decode(&bytes).map_err(corrupt)?;
+            let copy = match first.outbox_item {
+                0 => None,
+                item => match state.get(&keys::outbox_item(item))? {
+                    Some(bytes) => Some(keys::decode(&bytes).map_err(corrupt)?),
+                    None => None,
+                },
+            };
             return Ok(Reply::Sent {
                 message_id: first.message_id,
                 version: first.version,
                 timestamp_ms: first.timestamp_ms,
                 duplicate: true,
+                copy,
             });
         }
         if state.get(&keys::user(recipient))?.is_none() {
@@ -108,34 +116,38 @@ impl ChatMachine {
             timestamp_ms: now_ms,
         };
         let version = append(state, recipient, entry.clone())?;
+        let copy = if sender == recipient {
+            None
+        } else {
+            self.copy_to_sender(state, sender, entry)?
+        };
         let receipt = SendReceipt {
             message_id,
             version,
             timestamp_ms: now_ms,
+            outbox_item: copy.as_ref().map_or(0, |c| c.item),
         };
         state.put(&receipt_key, &keys::encode(&receipt));
-        if sender != recipient {
-            self.copy_to_sender(state, sender, entry)?;
-        }
         Ok(Reply::Sent {
             message_id,
             version,
             timestamp_ms: now_ms,
             duplicate: false,
+            copy,
         })
     }
 
     /// The sender's own inbox gets a copy of what it sent: here when the
-    /// sender lives in this shard, through the outbox otherwise.
+    /// sender lives in this shard, through the outbox otherwise (returned).
     fn copy_to_sender(
         &self,
         state: &mut dyn StateTxn,
         sender: UserId,
         entry: InboxEntry,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<Option<Delivery>, ApplyError> {
         if self.map.shard_of_user(sender) == self.shard {
             append(state, sender, entry)?;
-            return Ok(());
+            return Ok(None);
         }
         let item = next(state, OUTBOX)?;
         let delivery = Delivery {
@@ -145,7 +157,40 @@ impl ChatMachine {
             entry,
         };
         state.put(&keys::outbox_item(item), &keys::encode(&delivery));
-        Ok(())
+        Ok(Some(delivery))
+    }
+
+    fn open_session(
+        &self,
+        state: &mut dyn StateTxn,
+        user: UserId,
+        session: u64,
+        device: String,
+        expires_ms: u64,
+    ) -> Result<Reply, ApplyError> {
+        if self.map.shard_of_user(user) != self.shard {
+            return Ok(self.wrong_shard(format!("user {user}")));
+        }
+        let key = keys::device(user, &device);
+        let mut replaced = None;
+        if let Some(bytes) = state.get(&key)? {
+            let earlier: DeviceSession = keys::decode(&bytes).map_err(corrupt)?;
+            if earlier.session == session {
+                // A retry of this very login.
+                return Ok(Reply::SessionOpened { replaced: None });
+            }
+            state.put(
+                &keys::revoked_key(user, earlier.session),
+                &earlier.expires_ms.to_be_bytes(),
+            );
+            replaced = Some(earlier.session);
+        }
+        let current = DeviceSession {
+            session,
+            expires_ms,
+        };
+        state.put(&key, &keys::encode(&current));
+        Ok(Reply::SessionOpened { replaced })
     }
 
     fn deliver(&self, state: &mut dyn StateTxn, delivery: Delivery) -> Result<Reply, ApplyError> {
@@ -153,12 +198,13 @@ impl ChatMachine {
             return Ok(self.wrong_shard(format!("user {}", delivery.owner)));
         }
         let marker = keys::received(delivery.source, delivery.item);
-        if state.get(&marker)?.is_some() {
-            return Ok(Reply::Delivered);
+        if let Some(bytes) = state.get(&marker)? {
+            let version = keys::decode_u64(&bytes).map_err(corrupt)?;
+            return Ok(Reply::Delivered { version });
         }
-        append(state, delivery.owner, delivery.entry)?;
-        state.put(&marker, b"");
-        Ok(Reply::Delivered)
+        let version = append(state, delivery.owner, delivery.entry)?;
+        state.put(&marker, &version.to_be_bytes());
+        Ok(Reply::Delivered { version })
     }
 
     fn wrong_shard(&self, what: String) -> Reply {
@@ -204,6 +250,24 @@ impl StateMachine for ChatMachine {
                 }
                 Reply::Forgotten
             }
+            Command::OpenSession {
+                user,
+                session,
+                device,
+                expires_ms,
+            } => self.open_session(state, user, session, device, expires_ms)?,
+            Command::Revoke {
+                user,
+                session,
+                expires_ms,
+            } => {
+                if self.map.shard_of_user(user) != self.shard {
+                    self.wrong_shard(format!("user {user}"))
+                } else {
+                    state.put(&keys::revoked_key(user, session), &expires_ms.to_be_bytes());
+                    Reply::Revoked
+                }
+            }
         };
         Ok(reply.encode())
     }
@@ -243,7 +307,8 @@ fn corrupt(e: keys::DecodeError) -> ApplyError {
     ApplyError::Corrupt(e.to_string())
 }
 
-fn valid_username(name: &str) -> bool {
+/// True when `name` is a valid username: 1 to 32 characters of `a-z A-Z 0-9 _ . -`.
+pub fn valid_username(name: &str) -> bool {
     let length = name.chars().count();
     (1..=MAX_USERNAME).contains(&length)
         && name

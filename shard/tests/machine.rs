@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use fishchat_raft::{ApplyError, StateMachine, StateTxn};
 use fishchat_shard::{
-    decode_entry, inbox_range, latest_version_key, ChatMachine, Command, CommandError, Delivery,
-    InboxEntry, Reply, ShardId, ShardMap, UserId,
+    decode_entry, inbox_range, latest_version_key, revoked_key, ChatMachine, Command, CommandError,
+    Delivery, InboxEntry, Reply, ShardId, ShardMap, UserId,
 };
 
 /// A shard's key-value state in memory.
@@ -206,12 +206,14 @@ fn a_retried_send_returns_the_first_result_and_stores_nothing_new() {
                 version,
                 timestamp_ms,
                 duplicate: false,
+                ..
             },
             Reply::Sent {
                 message_id: m2,
                 version: v2,
                 timestamp_ms: t2,
                 duplicate: true,
+                ..
             },
         ) => assert_eq!((message_id, version, timestamp_ms), (m2, v2, t2)),
         other => panic!("expected a send and its duplicate, got {other:?}"),
@@ -227,7 +229,10 @@ fn a_sender_in_another_shard_gets_its_copy_through_the_outbox_exactly_once() {
     let bob = bobs.register("bob");
     let alice = alices.register("alice");
 
-    let Reply::Sent { message_id, .. } = bobs.apply(&send(alice, "c1", bob, "hi bob")) else {
+    let Reply::Sent {
+        message_id, copy, ..
+    } = bobs.apply(&send(alice, "c1", bob, "hi bob"))
+    else {
         panic!("send succeeds");
     };
     assert!(
@@ -238,12 +243,31 @@ fn a_sender_in_another_shard_gets_its_copy_through_the_outbox_exactly_once() {
     assert_eq!(outbox.len(), 1);
     let delivery = outbox[0].clone();
     assert_eq!((delivery.source, delivery.owner), (1, alice));
+    assert_eq!(
+        copy.as_ref(),
+        Some(&delivery),
+        "the reply carries the copy for the proposer to deliver"
+    );
+    let Reply::Sent {
+        copy: retried_copy,
+        duplicate: true,
+        ..
+    } = bobs.apply(&send(alice, "c1", bob, "hi bob"))
+    else {
+        panic!("a retry is answered as a duplicate");
+    };
+    assert_eq!(
+        retried_copy,
+        Some(delivery.clone()),
+        "a retry carries the undelivered copy too"
+    );
 
-    // Delivered twice (a retry after a lost acknowledgement): one copy.
+    // Delivered twice (a retry after a lost acknowledgement): one copy,
+    // and both answers name its version.
     for _ in 0..2 {
         assert_eq!(
             alices.apply(&Command::Deliver(delivery.clone())),
-            Reply::Delivered
+            Reply::Delivered { version: 1 }
         );
     }
     let copies = alices.state.inbox(alice, 0);
@@ -262,6 +286,48 @@ fn a_sender_in_another_shard_gets_its_copy_through_the_outbox_exactly_once() {
         bobs.state.outbox().is_empty(),
         "a delivered item leaves the outbox"
     );
+}
+
+#[test]
+fn a_named_device_logging_in_again_revokes_its_earlier_session() {
+    let mut shard = Shard::new(0);
+    let alice = shard.register("alice");
+    let open = |session: u64, device: &str| Command::OpenSession {
+        user: alice,
+        session,
+        device: device.into(),
+        expires_ms: 5_000,
+    };
+    assert_eq!(
+        shard.apply(&open(11, "laptop")),
+        Reply::SessionOpened { replaced: None }
+    );
+    assert_eq!(
+        shard.apply(&open(11, "laptop")),
+        Reply::SessionOpened { replaced: None },
+        "a retried login replaces nothing"
+    );
+    assert_eq!(
+        shard.apply(&open(12, "phone")),
+        Reply::SessionOpened { replaced: None },
+        "another device is another session"
+    );
+    assert!(!shard.state.0.contains_key(&revoked_key(alice, 11)));
+    assert_eq!(
+        shard.apply(&open(13, "laptop")),
+        Reply::SessionOpened { replaced: Some(11) }
+    );
+    assert!(shard.state.0.contains_key(&revoked_key(alice, 11)));
+    assert!(!shard.state.0.contains_key(&revoked_key(alice, 12)));
+
+    let revoke = Command::Revoke {
+        user: alice,
+        session: 12,
+        expires_ms: 5_000,
+    };
+    assert_eq!(shard.apply(&revoke), Reply::Revoked);
+    assert_eq!(shard.apply(&revoke), Reply::Revoked, "idempotent");
+    assert!(shard.state.0.contains_key(&revoked_key(alice, 12)));
 }
 
 #[test]

@@ -1,0 +1,2 @@
+//! `fishchat`: the command-line client.
+fn main() {}

@@ -1,0 +1,1 @@
+//! The FishChat client SDK.

@@ -1,0 +1,644 @@
+//! The client protocol's operations: one [`Request`] in, one [`Response`] out.
+//!
+//! Every operation goes to the shard that owns its subject through
+//! [`GroupHost::propose`] / [`GroupHost::scan`], which reach that shard's
+//! leader from any node. The handlers check everything a client sent before
+//! proposing anything, so bad input changes nothing (G8).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use fishchat_proto::client::{
+    self as wire, kick::Reason, request, response, ErrorCode, Request, Response,
+};
+use fishchat_raft::{GroupHost, ReadError, WriteError};
+use fishchat_shard::{
+    account_key, decode_account, decode_entry, inbox_range, latest_version_key, revoked_key,
+    Account, Command, CommandError, Reply, ShardMap, UserId,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use tracing::Instrument;
+
+use crate::config::Limits;
+use crate::events::Events;
+use crate::node::group_of;
+use crate::token::{Claims, TokenKey};
+
+/// Longest accepted client message id, in bytes (fixed rule).
+const MAX_CLIENT_MSG_ID: usize = 128;
+/// Longest accepted content type, in bytes (fixed rule).
+const MAX_CONTENT_TYPE: usize = 128;
+/// Longest accepted device name, in bytes (fixed rule).
+const MAX_DEVICE: usize = 64;
+/// Protobuf overhead allowed per inbox entry when filling a sync page.
+const ENTRY_OVERHEAD: usize = 128;
+
+/// A refusal, as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The error code.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The wire form, with the retryable flag each code usually carries.
+    pub fn into_error(self) -> wire::Error {
+        let retryable = matches!(
+            self.code,
+            ErrorCode::TooManyRequests | ErrorCode::Unavailable | ErrorCode::Timeout
+        );
+        wire::Error {
+            code: self.code as i32,
+            message: self.message,
+            retryable,
+            retry_after_ms: if self.code == ErrorCode::TooManyRequests {
+                100
+            } else {
+                0
+            },
+        }
+    }
+}
+
+impl From<WriteError> for Refusal {
+    fn from(e: WriteError) -> Self {
+        let code = match &e {
+            WriteError::Timeout { .. } | WriteError::Unreachable { .. } => ErrorCode::Timeout,
+            WriteError::NotLeader { .. } | WriteError::Stopped { .. } => ErrorCode::Unavailable,
+            WriteError::TooLarge { .. } => ErrorCode::BodyTooLarge,
+            WriteError::UnknownGroup(_) => ErrorCode::Internal,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+impl From<ReadError> for Refusal {
+    fn from(e: ReadError) -> Self {
+        let code = match &e {
+            ReadError::NotLeader { .. } | ReadError::Unavailable { .. } => ErrorCode::Unavailable,
+            ReadError::UnknownGroup(_) | ReadError::Storage(_) => ErrorCode::Internal,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+/// What a connection is bound to after a Login on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// The user.
+    pub user: UserId,
+    /// The session (from the token).
+    pub session: u64,
+    /// When the session's token expires, ms since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// What a handler tells the connection besides the response.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// The connection is now bound to this session; `latest_version` is the
+    /// inbox's latest version for the first Notify.
+    pub bind: Option<(Binding, u64)>,
+}
+
+/// The protocol's operations on one node.
+pub struct Chat {
+    host: Arc<GroupHost>,
+    map: ShardMap,
+    tokens: TokenKey,
+    limits: Limits,
+    events: Arc<Events>,
+    client_addrs: Vec<String>,
+    random: SystemRandom,
+}
+
+impl Chat {
+    /// The operations of a node hosting `host`.
+    pub fn new(
+        host: Arc<GroupHost>,
+        map: ShardMap,
+        tokens: TokenKey,
+        limits: Limits,
+        events: Arc<Events>,
+        client_addrs: Vec<String>,
+    ) -> Self {
+        Self {
+            host,
+            map,
+            tokens,
+            limits,
+            events,
+            client_addrs,
+            random: SystemRandom::new(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Answers one request from a connection bound to `bound` (if any).
+    pub async fn handle(&self, request: Request, bound: Option<Binding>) -> (Response, Effects) {
+        let request_id = request.request_id;
+        let span = tracing::info_span!("request", request_id, user = tracing::field::Empty);
+        let mut effects = Effects::default();
+        let outcome = self
+            .dispatch(request, bound, &mut effects)
+            .instrument(span)
+            .await;
+        let body = match outcome {
+            Ok(body) => body,
+            Err(refusal) => {
+                if matches!(refusal.code, ErrorCode::Internal) {
+                    tracing::error!(request_id, error = %refusal.message, "request failed");
+                }
+                response::Body::Error(refusal.into_error())
+            }
+        };
+        let response = Response {
+            request_id,
+            body: Some(body),
+        };
+        (response, effects)
+    }
+
+    async fn dispatch(
+        &self,
+        request: Request,
+        bound: Option<Binding>,
+        effects: &mut Effects,
+    ) -> Result<response::Body, Refusal> {
+        let Some(body) = request.body else {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "the request has no operation (or one this server does not know)",
+            ));
+        };
+        match body {
+            request::Body::Ping(ping) => Ok(response::Body::Ping(wire::PingResponse {
+                nonce: ping.nonce,
+                server_time_ms: now_ms(),
+            })),
+            request::Body::Register(register) => self.register(register).await,
+            request::Body::Login(login) => self.login(login, bound, effects).await,
+            request::Body::Logout(_) => {
+                let claims = self.authenticate(&request.token, bound).await?;
+                self.logout(claims).await
+            }
+            request::Body::Send(send) => {
+                let claims = self.authenticate(&request.token, bound).await?;
+                self.send(claims.user, send).await
+            }
+            request::Body::Sync(sync) => {
+                let claims = self.authenticate(&request.token, bound).await?;
+                self.sync(claims.user, sync).await
+            }
+            request::Body::Lookup(lookup) => {
+                self.authenticate(&request.token, bound).await?;
+                let account = self.account(&lookup.username).await?.ok_or_else(|| {
+                    Refusal::new(
+                        ErrorCode::UnknownUser,
+                        format!("no user is named {:?}", lookup.username),
+                    )
+                })?;
+                Ok(response::Body::Lookup(wire::LookupResponse {
+                    user_id: account.user_id,
+                    username: account.username,
+                }))
+            }
+        }
+    }
+
+    async fn register(&self, register: wire::RegisterRequest) -> Result<response::Body, Refusal> {
+        if !fishchat_shard::valid_username(&register.username) {
+            return Err(refusal_of(CommandError::InvalidUsername));
+        }
+        self.check_password_rules(&register.password)?;
+        let password = register.password;
+        let salt = self.salt()?;
+        let hash = tokio::task::spawn_blocking(move || {
+            Argon2::default()
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+        })
+        .await
+        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing: {e}")))?;
+        let command = Command::Register {
+            username: register.username.clone(),
+            password_hash: hash,
+            now_ms: now_ms(),
+        };
+        let shard = self.map.shard_of_username(&register.username);
+        match self.propose(shard, &command).await? {
+            Reply::Registered { user_id } => {
+                tracing::info!(user_id, username = %register.username, "registered");
+                Ok(response::Body::Register(wire::RegisterResponse { user_id }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn check_password_rules(&self, password: &str) -> Result<(), Refusal> {
+        let chars = password.chars().count();
+        if chars < self.limits.min_password_chars || password.len() > self.limits.max_password_bytes
+        {
+            return Err(Refusal::new(
+                ErrorCode::InvalidPassword,
+                format!(
+                    "a password has at least {} characters and at most {} bytes",
+                    self.limits.min_password_chars, self.limits.max_password_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn salt(&self) -> Result<SaltString, Refusal> {
+        let mut bytes = [0u8; 16];
+        self.random
+            .fill(&mut bytes)
+            .map_err(|_| Refusal::new(ErrorCode::Internal, "the random source failed"))?;
+        SaltString::encode_b64(&bytes).map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))
+    }
+
+    fn random_u64(&self) -> Result<u64, Refusal> {
+        let mut bytes = [0u8; 8];
+        self.random
+            .fill(&mut bytes)
+            .map_err(|_| Refusal::new(ErrorCode::Internal, "the random source failed"))?;
+        Ok(u64::from_be_bytes(bytes).max(1))
+    }
+
+    async fn login(
+        &self,
+        login: wire::LoginRequest,
+        bound: Option<Binding>,
+        effects: &mut Effects,
+    ) -> Result<response::Body, Refusal> {
+        if login.device.len() > MAX_DEVICE {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("a device name has at most {MAX_DEVICE} bytes"),
+            ));
+        }
+        let wrong = || Refusal::new(ErrorCode::WrongPassword, "wrong username or password");
+        if !fishchat_shard::valid_username(&login.username) {
+            return Err(wrong());
+        }
+        let account = self.account(&login.username).await?.ok_or_else(wrong)?;
+        if let Some(bound) = bound {
+            if bound.user != account.user_id {
+                return Err(Refusal::new(
+                    ErrorCode::PermissionDenied,
+                    "this connection belongs to another user; open a new connection",
+                ));
+            }
+        }
+        let password = login.password;
+        let stored = account.password_hash.clone();
+        let verified = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&stored)
+                .map(|hash| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &hash)
+                        .is_ok()
+                })
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("stored hash: {e}")))?;
+        if !verified {
+            return Err(wrong());
+        }
+        let user = account.user_id;
+        let session = self.random_u64()?;
+        let expires_ms = now_ms().saturating_add(duration_ms(self.limits.token_lifetime));
+        if !login.device.is_empty() {
+            let command = Command::OpenSession {
+                user,
+                session,
+                device: login.device.clone(),
+                expires_ms,
+            };
+            match self.propose(self.map.shard_of_user(user), &command).await? {
+                Reply::SessionOpened { replaced } => {
+                    if let Some(replaced) = replaced {
+                        self.events
+                            .session_ended(user, replaced, Reason::SessionReplaced);
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+        let claims = Claims {
+            user,
+            session,
+            expires_ms,
+        };
+        let latest = self.latest_version(user).await?;
+        effects.bind = Some((
+            Binding {
+                user,
+                session,
+                expires_ms,
+            },
+            latest,
+        ));
+        tracing::info!(user, session, device = %login.device, "logged in");
+        Ok(response::Body::Login(wire::LoginResponse {
+            token: self.tokens.sign(claims),
+            user_id: user,
+            expires_at_ms: expires_ms,
+            client_addrs: self.client_addrs.clone(),
+            limits: Some(wire::ServerLimits {
+                max_frame_bytes: self.limits.max_frame_bytes,
+                max_body_bytes: self.limits.max_body_bytes,
+                max_requests_in_flight: self.limits.max_requests_in_flight,
+                max_sync_limit: self.limits.max_sync_limit,
+            }),
+        }))
+    }
+
+    async fn logout(&self, claims: Claims) -> Result<response::Body, Refusal> {
+        let command = Command::Revoke {
+            user: claims.user,
+            session: claims.session,
+            expires_ms: claims.expires_ms,
+        };
+        match self
+            .propose(self.map.shard_of_user(claims.user), &command)
+            .await?
+        {
+            Reply::Revoked => {
+                self.events
+                    .session_ended(claims.user, claims.session, Reason::TokenRevoked);
+                tracing::info!(user = claims.user, session = claims.session, "logged out");
+                Ok(response::Body::Logout(wire::LogoutResponse {}))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Checks a request's token: signed here, not expired, usable on this
+    /// connection, not revoked (read at the user's shard).
+    async fn authenticate(&self, token: &str, bound: Option<Binding>) -> Result<Claims, Refusal> {
+        if token.is_empty() {
+            return Err(Refusal::new(
+                ErrorCode::Unauthenticated,
+                "this operation needs a token; log in first",
+            ));
+        }
+        let claims = self
+            .tokens
+            .verify(token)
+            .map_err(|e| Refusal::new(ErrorCode::Unauthenticated, e.to_string()))?;
+        if claims.expires_ms <= now_ms() {
+            return Err(Refusal::new(
+                ErrorCode::TokenExpired,
+                "the token has expired; log in again",
+            ));
+        }
+        if let Some(bound) = bound {
+            if bound.user != claims.user {
+                return Err(Refusal::new(
+                    ErrorCode::PermissionDenied,
+                    "the token is another user's than this connection's",
+                ));
+            }
+        }
+        tracing::Span::current().record("user", claims.user);
+        let shard = self.map.shard_of_user(claims.user);
+        if self
+            .read(shard, &revoked_key(claims.user, claims.session))
+            .await?
+            .is_some()
+        {
+            return Err(Refusal::new(
+                ErrorCode::TokenRevoked,
+                "the session was logged out; log in again",
+            ));
+        }
+        Ok(claims)
+    }
+
+    async fn send(
+        &self,
+        sender: UserId,
+        send: wire::SendRequest,
+    ) -> Result<response::Body, Refusal> {
+        if send.body.len() > self.limits.max_body_bytes as usize {
+            return Err(Refusal::new(
+                ErrorCode::BodyTooLarge,
+                format!(
+                    "the body has {} bytes; the limit is {}",
+                    send.body.len(),
+                    self.limits.max_body_bytes
+                ),
+            ));
+        }
+        if send.client_msg_id.is_empty() || send.client_msg_id.len() > MAX_CLIENT_MSG_ID {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} bytes"),
+            ));
+        }
+        if send.content_type.len() > MAX_CONTENT_TYPE {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("content_type has at most {MAX_CONTENT_TYPE} bytes"),
+            ));
+        }
+        let recipient = send.recipient_id;
+        if recipient == 0 {
+            return Err(refusal_of(CommandError::UnknownUser(0)));
+        }
+        let command = Command::Send {
+            sender,
+            client_msg_id: send.client_msg_id,
+            recipient,
+            body: send.body,
+            content_type: send.content_type,
+            now_ms: now_ms(),
+        };
+        match self
+            .propose(self.map.shard_of_user(recipient), &command)
+            .await?
+        {
+            Reply::Sent {
+                message_id,
+                version,
+                timestamp_ms,
+                duplicate,
+                copy,
+            } => {
+                if !duplicate {
+                    self.events.inbox_advanced(recipient, version);
+                }
+                if let Some(copy) = copy {
+                    // Read-your-writes: the sender's copy is in place before
+                    // the answer. If this fails the outbox pump delivers it.
+                    let owner = copy.owner;
+                    match self
+                        .propose(self.map.shard_of_user(owner), &Command::Deliver(copy))
+                        .await
+                    {
+                        Ok(Reply::Delivered { version }) => {
+                            self.events.inbox_advanced(owner, version)
+                        }
+                        Ok(other) => tracing::warn!(?other, "sender's copy refused"),
+                        Err(e) => {
+                            tracing::warn!(error = %e.message, "sender's copy left to the outbox")
+                        }
+                    }
+                }
+                Ok(response::Body::Send(wire::SendResponse {
+                    message_id,
+                    version,
+                    timestamp_ms,
+                    duplicate,
+                }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn sync(&self, user: UserId, sync: wire::SyncRequest) -> Result<response::Body, Refusal> {
+        let limit = match sync.limit {
+            0 => self.limits.default_sync_limit,
+            n => n.min(self.limits.max_sync_limit),
+        } as usize;
+        let shard = self.map.shard_of_user(user);
+        let (from, to) = inbox_range(user, sync.since);
+        let rows = self
+            .host
+            .scan(group_of(shard), &from, &to, limit + 1)
+            .await?;
+        let budget = (self.limits.max_frame_bytes as usize).saturating_sub(64);
+        let mut used = 0usize;
+        let mut entries = Vec::with_capacity(rows.len().min(limit));
+        for (_, value) in rows.iter().take(limit) {
+            let entry = decode_entry(value)
+                .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+            let cost = entry.body.len() + entry.content_type.len() + ENTRY_OVERHEAD;
+            if !entries.is_empty() && used + cost > budget {
+                break;
+            }
+            used += cost;
+            entries.push(to_wire(entry));
+        }
+        let last = entries.last().map(|e| e.version);
+        let latest_version = match last {
+            // The page reached the end of the inbox: its last entry is the latest.
+            Some(last) if rows.len() == entries.len() => last,
+            _ => self.latest_version(user).await?,
+        };
+        let more = last.unwrap_or(sync.since) < latest_version;
+        Ok(response::Body::Sync(wire::SyncResponse {
+            entries,
+            latest_version,
+            more,
+        }))
+    }
+
+    /// The latest version of `user`'s inbox, read at its shard's leader.
+    pub async fn latest_version(&self, user: UserId) -> Result<u64, Refusal> {
+        let shard = self.map.shard_of_user(user);
+        match self.read(shard, &latest_version_key(user)).await? {
+            None => Ok(0),
+            Some(bytes) => {
+                let array: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+                    Refusal::new(ErrorCode::Internal, "a stored version is not 8 bytes")
+                })?;
+                Ok(u64::from_be_bytes(array))
+            }
+        }
+    }
+
+    async fn account(&self, username: &str) -> Result<Option<Account>, Refusal> {
+        let shard = self.map.shard_of_username(username);
+        match self.read(shard, &account_key(username)).await? {
+            None => Ok(None),
+            Some(bytes) => decode_account(&bytes)
+                .map(Some)
+                .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string())),
+        }
+    }
+
+    /// One key of a shard's state, read linearizably at its leader.
+    async fn read(&self, shard: u32, key: &[u8]) -> Result<Option<Vec<u8>>, Refusal> {
+        let mut end = key.to_vec();
+        end.push(0);
+        let rows = self.host.scan(group_of(shard), key, &end, 1).await?;
+        Ok(rows.into_iter().find(|(k, _)| k == key).map(|(_, v)| v))
+    }
+
+    async fn propose(&self, shard: u32, command: &Command) -> Result<Reply, Refusal> {
+        let bytes = self.host.propose(group_of(shard), command.encode()).await?;
+        match Reply::decode(&bytes) {
+            Ok(Reply::Refused(refusal)) => Err(refusal_of(refusal)),
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(Refusal::new(ErrorCode::Internal, e.to_string())),
+        }
+    }
+}
+
+/// The client's view of a shard's refusal.
+fn refusal_of(error: CommandError) -> Refusal {
+    let code = match &error {
+        CommandError::UsernameTaken => ErrorCode::UsernameTaken,
+        CommandError::InvalidUsername => ErrorCode::InvalidUsername,
+        CommandError::UnknownUser(_) => ErrorCode::UnknownUser,
+        CommandError::InvalidClientMessageId => ErrorCode::BadRequest,
+        CommandError::WrongShard { .. } | CommandError::Malformed(_) => ErrorCode::Internal,
+    };
+    Refusal::new(code, error.to_string())
+}
+
+fn unexpected(reply: Reply) -> Refusal {
+    Refusal::new(
+        ErrorCode::Internal,
+        format!("the shard answered with an unexpected reply: {reply:?}"),
+    )
+}
+
+/// A stored inbox entry in the protocol's form.
+pub fn to_wire(entry: fishchat_shard::InboxEntry) -> wire::InboxEntry {
+    wire::InboxEntry {
+        version: entry.version,
+        message_id: entry.message_id,
+        sender_id: entry.from,
+        recipient_id: entry.to,
+        body: entry.body,
+        content_type: entry.content_type,
+        timestamp_ms: entry.timestamp_ms,
+        group_id: 0,
+        group_seq: 0,
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(duration_ms)
+        .unwrap_or(0)
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,269 @@
+//! The client endpoint: QUIC with TLS 1.3, one request per bidirectional
+//! stream, and a server-opened push stream per bound connection
+//! (`proto/client.proto`, "TRANSPORT", "FRAMES", "PUSHES").
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use fishchat_proto::client::{
+    kick::Reason, push, ErrorCode, Kick, Notify, Push, Request, Response,
+};
+use fishchat_proto::frame::{self, FrameError};
+use quinn::crypto::rustls::QuicServerConfig;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::chat::{now_ms, Binding, Chat, Refusal};
+use crate::sessions::{PushEvent, Sessions};
+
+/// Pushes waiting for one connection's writer; beyond this Notifies drop.
+const PUSH_QUEUE: usize = 64;
+/// How long a kicked connection stays open so its last answers and the Kick
+/// frame reach the client.
+const KICK_GRACE: Duration = Duration::from_millis(250);
+
+/// The running client endpoint.
+pub struct ClientEndpoint {
+    endpoint: quinn::Endpoint,
+    task: JoinHandle<()>,
+}
+
+impl ClientEndpoint {
+    /// Listens on `addr` and serves clients with `chat`.
+    pub fn start(
+        addr: SocketAddr,
+        crypto: Arc<rustls::ServerConfig>,
+        chat: Arc<Chat>,
+        sessions: Arc<Sessions>,
+    ) -> anyhow::Result<Self> {
+        let crypto =
+            QuicServerConfig::try_from(crypto).context("TLS settings unusable for QUIC")?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(chat.limits().max_requests_in_flight.into());
+        // Clients never open unidirectional streams.
+        transport.max_concurrent_uni_streams(0u32.into());
+        transport.max_idle_timeout(Some(
+            Duration::from_secs(60)
+                .try_into()
+                .context("idle timeout out of range")?,
+        ));
+        config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(config, addr)
+            .with_context(|| format!("binding the client port {addr} (UDP)"))?;
+        let task = tokio::spawn(accept(endpoint.clone(), chat, sessions));
+        Ok(Self { endpoint, task })
+    }
+
+    /// Where clients connect.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Stops accepting, closes every connection and waits briefly for them.
+    pub async fn shutdown(self) {
+        self.endpoint.close(
+            (Reason::ShuttingDown as u32).into(),
+            b"the node is shutting down",
+        );
+        self.task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn accept(endpoint: quinn::Endpoint, chat: Arc<Chat>, sessions: Arc<Sessions>) {
+    let ids = AtomicU64::new(1);
+    while let Some(incoming) = endpoint.accept().await {
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let chat = chat.clone();
+        let sessions = sessions.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(connection) => serve(Conn::new(id, connection, sessions), chat).await,
+                Err(e) => tracing::debug!(error = %e, "client handshake failed"),
+            }
+        });
+    }
+}
+
+/// One client connection.
+struct Conn {
+    id: u64,
+    connection: quinn::Connection,
+    sessions: Arc<Sessions>,
+    state: Mutex<ConnState>,
+    /// The bound session's expiry, read by the push writer.
+    expires_ms: AtomicU64,
+}
+
+#[derive(Default)]
+struct ConnState {
+    bound: Option<Binding>,
+    push: Option<mpsc::Sender<PushEvent>>,
+}
+
+impl Conn {
+    fn new(id: u64, connection: quinn::Connection, sessions: Arc<Sessions>) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            connection,
+            sessions,
+            state: Mutex::new(ConnState::default()),
+            expires_ms: AtomicU64::new(u64::MAX),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bound(&self) -> Option<Binding> {
+        self.lock().bound
+    }
+
+    /// Binds the connection to a session after a Login; the first binding
+    /// opens the push stream, whose first frame announces `latest`.
+    fn bind(self: &Arc<Self>, binding: Binding, latest: u64) {
+        let mut state = self.lock();
+        if state.bound.is_some_and(|b| b.user != binding.user) {
+            // A concurrent Login as another user won the race; this one's
+            // token stays valid, but the connection keeps its first user.
+            return;
+        }
+        state.bound = Some(binding);
+        self.expires_ms.store(binding.expires_ms, Ordering::Relaxed);
+        let push = match &state.push {
+            Some(push) => push.clone(),
+            None => {
+                let (push, events) = mpsc::channel(PUSH_QUEUE);
+                tokio::spawn(write_pushes(self.clone(), events, latest));
+                state.push = Some(push.clone());
+                push
+            }
+        };
+        self.sessions
+            .bind(binding.user, self.id, binding.session, push);
+    }
+}
+
+async fn serve(conn: Arc<Conn>, chat: Arc<Chat>) {
+    tracing::debug!(conn = conn.id, remote = %conn.connection.remote_address(), "client connected");
+    loop {
+        match conn.connection.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(answer(conn.clone(), chat.clone(), send, recv));
+            }
+            Err(e) => {
+                tracing::debug!(conn = conn.id, reason = %e, "client connection ended");
+                break;
+            }
+        }
+    }
+    if let Some(bound) = conn.bound() {
+        conn.sessions.unbind(bound.user, conn.id);
+    }
+}
+
+/// Reads one request from a stream and writes its answer.
+async fn answer(
+    conn: Arc<Conn>,
+    chat: Arc<Chat>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let max = chat.limits().max_frame_bytes;
+    let refused = |code: ErrorCode, message: String| Response {
+        request_id: 0,
+        body: Some(fishchat_proto::client::response::Body::Error(
+            Refusal::new(code, message).into_error(),
+        )),
+    };
+    let response = match frame::read::<Request, _>(&mut recv, max).await {
+        Ok(Some(request)) => {
+            let (response, effects) = chat.handle(request, conn.bound()).await;
+            if let Some((binding, latest)) = effects.bind {
+                conn.bind(binding, latest);
+            }
+            response
+        }
+        Ok(None) => refused(
+            ErrorCode::MalformedFrame,
+            "the stream ended before a request frame".into(),
+        ),
+        Err(FrameError::TooLarge { len, max }) => {
+            // Not read: the client may stop sending.
+            let _ = recv.stop(0u32.into());
+            refused(
+                ErrorCode::FrameTooLarge,
+                format!("a frame of {len} bytes exceeds the limit of {max} bytes"),
+            )
+        }
+        Err(FrameError::Malformed(e)) => refused(
+            ErrorCode::MalformedFrame,
+            format!("the frame is not a Request: {e}"),
+        ),
+        Err(FrameError::Io(e)) => refused(
+            ErrorCode::MalformedFrame,
+            format!("the stream ended inside a frame: {e}"),
+        ),
+    };
+    if let Err(e) = frame::write(&mut send, &response).await {
+        tracing::debug!(conn = conn.id, error = %e, "answer not delivered");
+        return;
+    }
+    let _ = send.finish();
+}
+
+/// Writes the connection's pushes until its session ends or it closes.
+async fn write_pushes(conn: Arc<Conn>, mut events: mpsc::Receiver<PushEvent>, latest: u64) {
+    let Ok(mut stream) = conn.connection.open_uni().await else {
+        return;
+    };
+    let notify = |latest_version| Push {
+        body: Some(push::Body::Notify(Notify { latest_version })),
+    };
+    if frame::write(&mut stream, &notify(latest)).await.is_err() {
+        return;
+    }
+    loop {
+        let expires = conn.expires_ms.load(Ordering::Relaxed);
+        let wait = Duration::from_millis(expires.saturating_sub(now_ms()));
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = tokio::time::sleep(wait) => {
+                if conn.expires_ms.load(Ordering::Relaxed) > now_ms() {
+                    continue; // a new Login extended the session
+                }
+                if let Some(bound) = conn.bound() {
+                    conn.sessions.unbind(bound.user, conn.id);
+                }
+                Some(PushEvent::Kick(Reason::TokenExpired, "the session's token expired".into()))
+            }
+        };
+        match event {
+            None => return,
+            Some(PushEvent::Notify(latest)) => {
+                if frame::write(&mut stream, &notify(latest)).await.is_err() {
+                    return;
+                }
+            }
+            Some(PushEvent::Kick(reason, message)) => {
+                let kick = Push {
+                    body: Some(push::Body::Kick(Kick {
+                        reason: reason as i32,
+                        message: message.clone(),
+                    })),
+                };
+                let _ = frame::write(&mut stream, &kick).await;
+                let _ = stream.finish();
+                tokio::time::sleep(KICK_GRACE).await;
+                conn.connection
+                    .close((reason as u32).into(), message.as_bytes());
+                return;
+            }
+        }
+    }
+}
