@@ -1,1 +1,59 @@
 //! The FishChat client SDK.
+//!
+//! This crate owns the client side of the protocol in `docs/protocol.md`:
+//! QUIC with TLS 1.3 trusting only the cluster CA, one framed `Request` and
+//! `Response` per stream, the push stream, and the session life cycle. It
+//! knows nothing of the server's internals (shards, Raft, storage): only the
+//! wire types of `fishchat-proto`.
+//!
+//! Layers, lowest first:
+//!
+//! - [`Connection`]: one QUIC connection to one node. [`Connection::request`]
+//!   sends one request and returns the server's answer as it came;
+//!   [`Connection::raw`] writes arbitrary bytes (for tests of bad frames).
+//! - [`Client`]: a session with the cluster. Every operation goes through
+//!   one retry loop (policy in [`retry`]) that, on a retryable error, a
+//!   timeout or a lost connection, repeats the *same* request, failing over
+//!   to the next node and logging in again as needed, until the retry
+//!   deadline. [`Client::request_once`] bypasses it.
+//! - [`Client::incoming`]: every new inbox entry exactly once and in version
+//!   order, from notifies, a sync timer and resyncs after reconnects.
+//!
+//! Promises: a `send` retried by this crate always repeats its
+//! `client_msg_id`, so it is stored at most once; nothing from the network
+//! or a file can make this crate panic; every network wait has a timeout.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fishchat_client::ClientError> {
+//! use fishchat_client::{Client, ClientConfig};
+//! let config = ClientConfig::from_ca_file(vec!["127.0.0.1:7101".into()], "data/ca.pem")?;
+//! let client = Client::connect(config).await?;
+//! client.login("alice", "correct horse", None).await?;
+//! let bob = client.lookup("bob").await?;
+//! client
+//!     .send(bob.user_id, "a1b2c3", b"hello".to_vec(), "text/plain; charset=utf-8")
+//!     .await?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod client;
+mod config;
+mod connection;
+mod error;
+mod failover;
+mod incoming;
+pub mod retry;
+mod tls;
+
+pub use client::Client;
+pub use config::{parse_server_list, ClientConfig, DEFAULT_SERVER_NAME};
+pub use connection::{Connection, PushStream};
+pub use error::ClientError;
+pub use tls::{quic_client_config, ALPN};
+
+/// The wire types (`proto/client.proto`), re-exported for callers.
+pub use fishchat_proto::client as proto;
+
+/// The content type of UTF-8 text messages.
+pub const TEXT_PLAIN: &str = "text/plain; charset=utf-8";

@@ -163,8 +163,11 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(300)).await;
             clients.shutdown().await;
         }
+        // The pump may be waiting out a write timeout on a shard that lost its
+        // quorum; every step of it is idempotent, so cutting it short is safe.
         let _ = self.pump_stop.send(true);
         if let Some(task) = self.pump_task.take() {
+            task.abort();
             let _ = task.await;
         }
         if let Some(stop) = self.admin_stop.take() {

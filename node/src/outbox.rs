@@ -46,6 +46,9 @@ pub async fn run(
             _ = stop.changed() => return,
         }
         for shard in 0..map.shard_count() {
+            if *stop.borrow() {
+                return;
+            }
             let leads = host
                 .status(group_of(shard))
                 .is_some_and(|s| s.role == Role::Leader);

@@ -1,0 +1,222 @@
+//! `fishchat-load`: the project's load generator for one-to-one chat.
+//!
+//! Registers `--senders` pairs of fresh users, logs each in on its own
+//! connection (spread over the given servers), and has every sender send
+//! `--messages` messages to its partner, one at a time (each waits for its
+//! answer, as an ordered chat client must). Every recipient listens with
+//! `Client::incoming` meanwhile. It reports:
+//!
+//! - acknowledged sends per second over the whole run;
+//! - send latency (request to acknowledgement): p50, p90, p99, max;
+//! - delivery latency (send to the recipient's client holding the entry,
+//!   through Notify and Sync): p50, p90, p99, max;
+//! - a check that every recipient got exactly its partner's messages in order
+//!   (the run fails otherwise).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use fishchat_client::{parse_server_list, Client, ClientConfig};
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::Mutex;
+
+/// Load generator for a FishChat cluster.
+#[derive(Parser)]
+#[command(name = "fishchat-load", version)]
+struct Args {
+    /// Servers, comma-separated; sender i connects to server i mod n.
+    #[arg(
+        long,
+        env = "FISHCHAT_SERVER",
+        default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
+    )]
+    server: String,
+    /// The cluster CA certificate.
+    #[arg(long, env = "FISHCHAT_CA", default_value = "data/ca.pem")]
+    ca: std::path::PathBuf,
+    /// Concurrent senders (each with its own recipient and connection).
+    #[arg(long, default_value_t = 64)]
+    senders: usize,
+    /// Messages per sender.
+    #[arg(long, default_value_t = 100)]
+    messages: usize,
+    /// Body size in bytes (at least the timestamp header).
+    #[arg(long, default_value_t = 100)]
+    body_bytes: usize,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn report(what: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{what}: n={} p50={:.2?} p90={:.2?} p99={:.2?} max={:.2?}",
+        samples.len(),
+        percentile(&samples, 0.50),
+        percentile(&samples, 0.90),
+        percentile(&samples, 0.99),
+        samples.last().copied().unwrap_or_default()
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let servers = parse_server_list(&args.server);
+    if servers.is_empty() || args.senders == 0 {
+        bail!("need at least one server and one sender");
+    }
+    let mut run = [0u8; 4];
+    SystemRandom::new()
+        .fill(&mut run)
+        .map_err(|_| anyhow::anyhow!("random source failed"))?;
+    let run: String = run.iter().map(|b| format!("{b:02x}")).collect();
+    let password = format!("load-{run}-password");
+
+    // Each client starts at another server, so load spreads over the nodes.
+    let config_for = |i: usize| -> anyhow::Result<ClientConfig> {
+        let mut ordered = servers.clone();
+        ordered.rotate_left(i % servers.len());
+        Ok(ClientConfig::from_ca_file(ordered, &args.ca)?)
+    };
+
+    println!(
+        "registering {} users (run {run}) on {}...",
+        2 * args.senders,
+        servers.join(",")
+    );
+    let mut pairs = Vec::new();
+    for i in 0..args.senders {
+        let sender = Client::connect(config_for(i)?).await?;
+        let recipient = Client::connect(config_for(i + 1)?).await?;
+        let from = format!("load{run}s{i}");
+        let to = format!("load{run}r{i}");
+        sender
+            .register(&from, &password)
+            .await
+            .context("register")?;
+        let to_id = sender.register(&to, &password).await.context("register")?;
+        sender.login(&from, &password, None).await?;
+        recipient.login(&to, &password, None).await?;
+        pairs.push((sender, recipient, to_id));
+    }
+
+    let delivery = Arc::new(Mutex::new(Vec::new()));
+    let mut listeners = Vec::new();
+    for (_, recipient, _) in &pairs {
+        let mut incoming = recipient.incoming(0);
+        let delivery = delivery.clone();
+        let expected = args.messages;
+        listeners.push(tokio::spawn(async move {
+            let mut bodies = Vec::with_capacity(expected);
+            while bodies.len() < expected {
+                let Some(entry) = incoming.recv().await else {
+                    break;
+                };
+                let body = String::from_utf8_lossy(&entry.body).into_owned();
+                if let Some(sent) = body
+                    .strip_prefix("t=")
+                    .and_then(|rest| rest.split(';').next())
+                    .and_then(|t| t.parse::<u64>().ok())
+                {
+                    let lag = Duration::from_millis(now_ms().saturating_sub(sent));
+                    delivery.lock().await.push(lag);
+                }
+                bodies.push(body);
+            }
+            bodies
+        }));
+    }
+
+    println!(
+        "{} senders x {} messages of {} bytes...",
+        args.senders, args.messages, args.body_bytes
+    );
+    let started = Instant::now();
+    let mut senders = Vec::new();
+    for (i, (sender, _, to_id)) in pairs.iter().enumerate() {
+        let sender = sender.clone();
+        let to_id = *to_id;
+        let messages = args.messages;
+        let body_bytes = args.body_bytes;
+        let run = run.clone();
+        senders.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(messages);
+            let mut sent = Vec::with_capacity(messages);
+            for n in 0..messages {
+                let mut body = format!("t={};s{i}m{n};", now_ms());
+                while body.len() < body_bytes {
+                    body.push('x');
+                }
+                let at = Instant::now();
+                sender
+                    .send(
+                        to_id,
+                        &format!("{run}-{i}-{n}"),
+                        body.clone().into_bytes(),
+                        "text/plain",
+                    )
+                    .await?;
+                latencies.push(at.elapsed());
+                sent.push(body);
+            }
+            anyhow::Ok((latencies, sent))
+        }));
+    }
+    let mut send_latencies = Vec::new();
+    let mut sent_bodies = Vec::new();
+    for task in senders {
+        let (latencies, sent) = task.await??;
+        send_latencies.extend(latencies);
+        sent_bodies.push(sent);
+    }
+    let elapsed = started.elapsed();
+    let total = send_latencies.len();
+
+    let mut received = Vec::new();
+    for listener in listeners {
+        match tokio::time::timeout(Duration::from_secs(60), listener).await {
+            Ok(bodies) => received.push(bodies?),
+            Err(_) => bail!("a recipient did not receive every message within 60 s"),
+        }
+    }
+    for (i, (sent, got)) in sent_bodies.iter().zip(&received).enumerate() {
+        if sent != got {
+            bail!(
+                "recipient {i} holds {} entries that differ from the {} sent",
+                got.len(),
+                sent.len()
+            );
+        }
+    }
+
+    println!(
+        "sent {total} messages in {elapsed:.2?}: {:.0} acknowledged sends/s",
+        total as f64 / elapsed.as_secs_f64()
+    );
+    report("send latency (request -> ack)", send_latencies);
+    report(
+        "delivery latency (send -> recipient holds it, ms clock)",
+        std::mem::take(&mut *delivery.lock().await),
+    );
+    println!(
+        "check: every recipient holds exactly its sender's {} messages, in order",
+        args.messages
+    );
+    Ok(())
+}

@@ -1,2 +1,0 @@
-//! `fishchat`: the command-line client.
-fn main() {}

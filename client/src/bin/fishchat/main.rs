@@ -1,0 +1,473 @@
+//! `fishchat`: the command-line client.
+//!
+//! Every command but `register` and `status` logs in first. Output is
+//! human text, or one JSON object per line with `--json`. Errors go to
+//! stderr with their code; the exit status is 1 for a failure and 2 for a
+//! usage error.
+
+mod output;
+mod settings;
+mod status;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fishchat_client::proto::{kick, ErrorCode, InboxEntry};
+use fishchat_client::{Client, ClientConfig, ClientError, TEXT_PLAIN};
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::mpsc;
+
+use output::Names;
+use settings::{GlobalArgs, Settings};
+
+/// The FishChat command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "fishchat", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the account --user with --password, print its user id.
+    Register,
+    /// Send TEXT to user TO (a username, or a user id); without TEXT, send
+    /// each line of stdin as a message of its own.
+    Send {
+        /// The recipient's username (or numeric user id).
+        to: String,
+        /// The message; several words are joined with spaces.
+        text: Vec<String>,
+    },
+    /// Print the inbox entries after a version.
+    Sync {
+        /// Print entries with a version above this.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Print at most one page of this many entries (default: all).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Print messages as they arrive, until Ctrl-C.
+    Watch {
+        /// Also print entries after this version (default: only new ones).
+        #[arg(long)]
+        since: Option<u64>,
+    },
+    /// Talk with PEER: stdin lines are sent, PEER's messages printed.
+    Chat {
+        /// The other user's username (or numeric user id).
+        peer: String,
+    },
+    /// Print a node's shards (its admin API's GET /status) as a table.
+    Status {
+        /// The admin address (default: the first server's port + 20).
+        #[arg(long, value_name = "HOST:PORT")]
+        admin: Option<String>,
+    },
+}
+
+/// A mistake in how the program was called (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let settings = Settings::resolve(&cli.global, |name| std::env::var(name).ok());
+    match run(cli.command, settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => report(&error),
+    }
+}
+
+/// Prints `error` to stderr with its code; the exit status for it.
+fn report(error: &anyhow::Error) -> ExitCode {
+    if let Some(usage) = error.downcast_ref::<UsageError>() {
+        eprintln!("fishchat: {usage}");
+        eprintln!("Try 'fishchat --help'.");
+        return ExitCode::from(2);
+    }
+    eprintln!("{}", error_line(error));
+    ExitCode::from(1)
+}
+
+/// `error: CODE: what was being done: detail` for a client error (the code
+/// is the server's, or the client's kind of failure); `error: ...` for
+/// anything else.
+fn error_line(error: &anyhow::Error) -> String {
+    match error.downcast_ref::<ClientError>() {
+        Some(client_error) => {
+            let mut parts: Vec<String> = error
+                .chain()
+                .take_while(|cause| cause.downcast_ref::<ClientError>().is_none())
+                .map(|cause| cause.to_string())
+                .collect();
+            parts.push(client_error.detail());
+            format!("error: {}: {}", client_error.code_name(), parts.join(": "))
+        }
+        None => format!("error: {error:#}"),
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Status { admin } => show_status(&settings, admin).await,
+        Command::Register => register(&settings).await,
+        Command::Send { to, text } => {
+            let mut session = Session::open(&settings).await?;
+            let text = (!text.is_empty()).then(|| text.join(" "));
+            send(&mut session, &to, text).await
+        }
+        Command::Sync { since, limit } => {
+            let session = Session::open(&settings).await?;
+            sync(&session, since, limit).await
+        }
+        Command::Watch { since } => {
+            let session = Session::open(&settings).await?;
+            watch(&session, since).await
+        }
+        Command::Chat { peer } => {
+            let session = Session::open(&settings).await?;
+            chat(session, &peer).await
+        }
+    }
+}
+
+/// A logged-in client and what the output needs to know.
+struct Session {
+    client: Client,
+    user_id: u64,
+    names: Names,
+    json: bool,
+}
+
+impl Session {
+    async fn open(settings: &Settings) -> anyhow::Result<Session> {
+        let (user, password) = settings.credentials().map_err(UsageError)?;
+        let client = connect(settings).await?;
+        let login = client.login(user, password, None).await.context("login")?;
+        let mut names = Names::default();
+        names.learn(login.user_id, user);
+        Ok(Session {
+            client,
+            user_id: login.user_id,
+            names,
+            json: settings.json,
+        })
+    }
+
+    /// The user id of `who`: a username, or else a number taken as an id.
+    async fn resolve(&mut self, who: &str) -> anyhow::Result<u64> {
+        match self.client.lookup(who).await {
+            Ok(found) => {
+                self.names.learn(found.user_id, &found.username);
+                Ok(found.user_id)
+            }
+            Err(e) if e.code() == Some(ErrorCode::UnknownUser) => match who.parse::<u64>() {
+                Ok(user_id) => Ok(user_id),
+                Err(_) => Err(anyhow::Error::new(e).context(format!("no user {who:?}"))),
+            },
+            Err(e) => Err(anyhow::Error::new(e).context(format!("looking up {who:?}"))),
+        }
+    }
+
+    fn print_entry(&self, entry: &InboxEntry) {
+        if self.json {
+            println!("{}", output::entry_json(entry));
+        } else {
+            println!("{}", output::entry_text(entry, &self.names));
+        }
+    }
+}
+
+async fn connect(settings: &Settings) -> anyhow::Result<Client> {
+    if settings.servers.is_empty() {
+        return Err(UsageError("no server address given".into()).into());
+    }
+    let mut config = ClientConfig::from_ca_file(settings.servers.clone(), &settings.ca)?;
+    if let Some(interval) = settings.sync_interval {
+        config.sync_interval = interval;
+    }
+    Ok(Client::connect(config).await?)
+}
+
+async fn register(settings: &Settings) -> anyhow::Result<()> {
+    let (user, password) = settings.credentials().map_err(UsageError)?;
+    let client = connect(settings).await?;
+    let user_id = client.register(user, password).await.context("register")?;
+    if settings.json {
+        println!("{}", output::registered_json(user_id));
+    } else {
+        println!("registered {user} as user #{user_id}");
+    }
+    client.close();
+    Ok(())
+}
+
+async fn send(session: &mut Session, to: &str, text: Option<String>) -> anyhow::Result<()> {
+    let recipient = session.resolve(to).await?;
+    let random = SystemRandom::new();
+    match text {
+        Some(text) => send_one(session, recipient, text, &random).await?,
+        None => {
+            let mut lines = stdin_lines();
+            while let Some(line) = lines.recv().await {
+                let line = line.context("reading stdin")?;
+                if !line.trim().is_empty() {
+                    send_one(session, recipient, line, &random).await?;
+                }
+            }
+        }
+    }
+    session.client.close();
+    Ok(())
+}
+
+/// Sends `text` to `recipient` under a fresh client message id; prints the
+/// answer.
+async fn send_one(
+    session: &Session,
+    recipient: u64,
+    text: String,
+    random: &SystemRandom,
+) -> anyhow::Result<()> {
+    let id = client_msg_id(random)?;
+    let sent = session
+        .client
+        .send(recipient, &id, text.into_bytes(), TEXT_PLAIN)
+        .await
+        .context("send")?;
+    if session.json {
+        println!("{}", output::sent_json(&sent, recipient));
+    } else {
+        println!("{}", output::sent_text(&sent, recipient, &session.names));
+    }
+    Ok(())
+}
+
+async fn sync(session: &Session, since: u64, limit: Option<u32>) -> anyhow::Result<()> {
+    let entries = match limit {
+        Some(limit) => {
+            session
+                .client
+                .sync(since, limit)
+                .await
+                .context("sync")?
+                .entries
+        }
+        None => session.client.sync_all(since).await.context("sync")?,
+    };
+    for entry in &entries {
+        session.print_entry(entry);
+    }
+    session.client.close();
+    Ok(())
+}
+
+async fn watch(session: &Session, since: Option<u64>) -> anyhow::Result<()> {
+    let start = match since {
+        Some(since) => since,
+        None => session.client.latest_version().await.context("sync")?,
+    };
+    let mut incoming = session.client.incoming(start);
+    // On standard error, so standard output stays one entry per line.
+    eprintln!("watching from version {start}; Ctrl-C stops");
+    loop {
+        tokio::select! {
+            entry = incoming.recv() => match entry {
+                Some(entry) => session.print_entry(&entry),
+                None => return session_ended(&session.client),
+            },
+            _ = tokio::signal::ctrl_c() => {
+                session.client.close();
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn chat(mut session: Session, peer: &str) -> anyhow::Result<()> {
+    let peer_id = session.resolve(peer).await?;
+    let start = session.client.latest_version().await.context("sync")?;
+    let mut incoming = session.client.incoming(start);
+    let client = session.client.clone();
+    let json = session.json;
+    let me = session.user_id;
+    let printer = tokio::spawn(async move {
+        while let Some(entry) = incoming.recv().await {
+            if entry.sender_id == peer_id && (entry.recipient_id == me || entry.group_id != 0) {
+                session.print_entry(&entry);
+            }
+        }
+    });
+    let random = SystemRandom::new();
+    let mut lines = stdin_lines();
+    let outcome = loop {
+        let line = tokio::select! {
+            line = lines.recv() => line,
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+        };
+        let line = match line {
+            None => break Ok(()),
+            Some(Err(e)) => break Err(anyhow::Error::new(e).context("reading stdin")),
+            Some(Ok(line)) => line,
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        if printer.is_finished() {
+            break session_ended(&client);
+        }
+        let id = client_msg_id(&random)?;
+        match client
+            .send(peer_id, &id, line.into_bytes(), TEXT_PLAIN)
+            .await
+        {
+            Ok(sent) if json => println!("{}", output::sent_json(&sent, peer_id)),
+            Ok(_) => {}
+            Err(e) => break Err(anyhow::Error::new(e).context("send")),
+        }
+    };
+    printer.abort();
+    client.close();
+    outcome
+}
+
+/// The error for an incoming stream that ended: the session is over.
+fn session_ended(client: &Client) -> anyhow::Result<()> {
+    let reason = client
+        .kick()
+        .map(|k| {
+            let reason = kick::Reason::try_from(k.reason).unwrap_or(kick::Reason::Unspecified);
+            format!("{}: {}", reason.as_str_name(), k.message)
+        })
+        .unwrap_or_else(|| "the session ended".to_string());
+    anyhow::bail!("session over: {reason}")
+}
+
+async fn show_status(settings: &Settings, admin: Option<String>) -> anyhow::Result<()> {
+    let admin = match admin {
+        Some(admin) => admin,
+        None => {
+            let first = settings
+                .servers
+                .first()
+                .ok_or_else(|| UsageError("no server address given".into()))?;
+            status::admin_address(first).map_err(|e| UsageError(e.to_string()))?
+        }
+    };
+    let body = status::fetch(&admin).await?;
+    if settings.json {
+        let value: serde_json::Value =
+            serde_json::from_str(&body).context("the status is not JSON")?;
+        println!("{value}");
+    } else {
+        let node: status::NodeStatus =
+            serde_json::from_str(&body).context("the status JSON has an unexpected shape")?;
+        print!("{}", status::table(&node));
+    }
+    Ok(())
+}
+
+/// The lines of stdin, read by a thread of their own (stdin reads block).
+fn stdin_lines() -> mpsc::Receiver<std::io::Result<String>> {
+    let (tx, rx) = mpsc::channel(16);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let failed = line.is_err();
+            if tx.blocking_send(line).is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A fresh random client message id: 16 random bytes in hex.
+fn client_msg_id(random: &SystemRandom) -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    random
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_message_ids_are_32_hex_digits_and_differ() {
+        let random = SystemRandom::new();
+        let a = client_msg_id(&random).expect("id");
+        let b = client_msg_id(&random).expect("id");
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn commands_parse_with_their_options() {
+        let cli = Cli::try_parse_from(["fishchat", "send", "bob", "hello", "there"]).expect("send");
+        match cli.command {
+            Command::Send { to, text } => {
+                assert_eq!(to, "bob");
+                assert_eq!(text, vec!["hello", "there"]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["fishchat", "sync", "--since", "5"]).expect("sync");
+        assert!(matches!(
+            cli.command,
+            Command::Sync {
+                since: 5,
+                limit: None
+            }
+        ));
+        assert!(Cli::try_parse_from(["fishchat"]).is_err());
+        assert!(Cli::try_parse_from(["fishchat", "chat"]).is_err());
+    }
+
+    #[test]
+    fn an_error_line_leads_with_the_code() {
+        let refused = ClientError::Server {
+            code: ErrorCode::UnknownUser,
+            message: "no user has this name".into(),
+            retryable: false,
+            retry_after_ms: 0,
+        };
+        let error = anyhow::Error::new(refused).context("looking up \"bob\"");
+        assert_eq!(
+            error_line(&error),
+            "error: UNKNOWN_USER: looking up \"bob\": no user has this name"
+        );
+        let error = anyhow::Error::new(ClientError::Timeout);
+        assert_eq!(
+            error_line(&error),
+            "error: CLIENT_TIMEOUT: no answer within the request timeout"
+        );
+        let other = anyhow::anyhow!("reading stdin");
+        assert_eq!(error_line(&other), "error: reading stdin");
+    }
+
+    #[test]
+    fn usage_errors_exit_2_and_client_errors_exit_1() {
+        let usage = anyhow::Error::new(UsageError("missing --user".into()));
+        assert_eq!(report(&usage), ExitCode::from(2));
+        let failed = anyhow::Error::new(ClientError::Timeout).context("send");
+        assert_eq!(report(&failed), ExitCode::from(1));
+    }
+}

@@ -1,0 +1,324 @@
+//! The SDK against fake nodes (tests/support): real QUIC, TLS and framing,
+//! in-memory chat logic, faults on demand.
+
+mod support;
+
+use std::time::Duration;
+
+use fishchat_client::proto::{kick, request, ErrorCode, LookupRequest, Request};
+use fishchat_client::{Client, ClientConfig, ClientError, Connection, TEXT_PLAIN};
+use support::{unavailable, FakeCluster, Fault, OTHER_CA_PEM};
+
+async fn logged_in(cluster: &FakeCluster, config: ClientConfig, name: &str) -> Client {
+    let client = Client::connect(config).await.expect("connect");
+    match client.register(name, "password1").await {
+        Ok(_)
+        | Err(ClientError::Server {
+            code: ErrorCode::UsernameTaken,
+            ..
+        }) => {}
+        Err(e) => panic!("register {name}: {e}"),
+    }
+    client.login(name, "password1", None).await.expect("login");
+    let _ = cluster;
+    client
+}
+
+#[tokio::test]
+async fn a_sent_message_reaches_the_recipients_inbox_and_a_repeat_is_a_duplicate() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let alice = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let bob = logged_in(&cluster, cluster.config(&[&node]), "bob").await;
+
+    let bob_id = alice.lookup("BOB").await.expect("lookup").user_id;
+    assert_eq!(Some(bob_id), bob.user_id());
+    let first = alice
+        .send(bob_id, "m-1", b"hello".to_vec(), TEXT_PLAIN)
+        .await
+        .expect("send");
+    assert!(!first.duplicate);
+    let again = alice
+        .send(bob_id, "m-1", b"hello".to_vec(), TEXT_PLAIN)
+        .await
+        .expect("send again");
+    assert!(again.duplicate);
+    assert_eq!(again.message_id, first.message_id);
+
+    let inbox = bob.sync_all(0).await.expect("sync");
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox[0].body, b"hello");
+    assert_eq!(inbox[0].sender_id, alice.user_id().expect("alice id"));
+    assert_eq!(bob.latest_version().await.expect("latest"), 1);
+    assert_eq!(alice.ping(42).await.expect("ping").nonce, 42);
+}
+
+#[tokio::test]
+async fn sync_all_follows_more_across_pages() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let alice = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let me = alice.user_id().expect("id");
+    for i in 0..8 {
+        alice
+            .send(me, &format!("self-{i}"), vec![i], TEXT_PLAIN)
+            .await
+            .expect("send");
+    }
+    let page = alice.sync(0, 0).await.expect("page");
+    assert!(page.more, "the fake server pages by 3");
+    let all = alice.sync_all(2).await.expect("sync all");
+    let versions: Vec<u64> = all.iter().map(|e| e.version).collect();
+    assert_eq!(versions, (3..=8).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_server_signed_by_another_ca_is_refused() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let mut config = cluster.config(&[&node]);
+    config.ca_pem = OTHER_CA_PEM.to_vec();
+    let refused = Client::connect(config).await;
+    assert!(
+        matches!(refused, Err(ClientError::Connect(_))),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn request_once_sends_the_token_as_given_and_reports_the_code() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let client = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let refused = client
+        .request_once(Request {
+            request_id: 0,
+            token: "not-a-token".into(),
+            body: Some(request::Body::Lookup(LookupRequest {
+                username: "alice".into(),
+            })),
+        })
+        .await;
+    assert_eq!(
+        refused.err().and_then(|e| e.code()),
+        Some(ErrorCode::Unauthenticated)
+    );
+    let seen = cluster.seen();
+    let (_, last) = seen.last().expect("a request");
+    assert_eq!(last.token, "not-a-token");
+    assert_ne!(last.request_id, 0, "a request id of 0 is replaced");
+}
+
+#[tokio::test]
+async fn raw_bytes_get_the_servers_typed_answers() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let connection = Connection::connect(&cluster.config(&[&node]), &node.address())
+        .await
+        .expect("connect");
+
+    let garbage = connection
+        .raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .expect("answer");
+    assert_eq!(garbage.request_id, 0);
+    let code = ClientError::from_wire(match garbage.body {
+        Some(fishchat_client::proto::response::Body::Error(e)) => e,
+        other => panic!("expected an error, got {other:?}"),
+    })
+    .code();
+    assert_eq!(code, Some(ErrorCode::MalformedFrame));
+
+    let mut huge = (2u32 << 20).to_be_bytes().to_vec();
+    huge.extend(vec![0u8; 2 << 20]);
+    let too_large = connection.raw(&huge).await.expect("answer");
+    match too_large.body {
+        Some(fishchat_client::proto::response::Body::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::FrameTooLarge as i32)
+        }
+        other => panic!("expected FRAME_TOO_LARGE, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_retryable_error_repeats_the_same_send() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let alice = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let me = alice.user_id().expect("id");
+    cluster.inject([unavailable()]);
+    let sent = alice
+        .send(me, "retry-me", b"x".to_vec(), TEXT_PLAIN)
+        .await
+        .expect("send after a retry");
+    assert!(!sent.duplicate);
+    assert_eq!(cluster.sends_seen(), vec!["retry-me", "retry-me"]);
+}
+
+#[tokio::test]
+async fn a_non_retryable_error_is_returned_at_once() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let alice = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let refused = alice.send(999, "to-nobody", vec![], TEXT_PLAIN).await;
+    assert_eq!(
+        refused.err().and_then(|e| e.code()),
+        Some(ErrorCode::UnknownUser)
+    );
+    assert_eq!(cluster.sends_seen().len(), 1);
+}
+
+#[tokio::test]
+async fn an_unanswered_send_is_repeated_with_the_same_id_after_the_timeout() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let alice = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let me = alice.user_id().expect("id");
+    cluster.inject([Fault::Silence]);
+    let sent = alice
+        .send(me, "slow", b"x".to_vec(), TEXT_PLAIN)
+        .await
+        .expect("send after a timeout");
+    assert!(!sent.duplicate, "the first attempt stored nothing");
+    assert_eq!(cluster.sends_seen(), vec!["slow", "slow"]);
+}
+
+#[tokio::test]
+async fn losing_the_node_fails_over_to_the_next_and_logs_in_again() {
+    let cluster = FakeCluster::new();
+    let first = cluster.start_node().await;
+    let second = cluster.start_node().await;
+    let alice = logged_in(&cluster, cluster.config(&[&first, &second]), "alice").await;
+    assert_eq!(alice.connected_to(), first.address());
+    let me = alice.user_id().expect("id");
+
+    first.kill();
+    let sent = alice
+        .send(me, "after-crash", b"x".to_vec(), TEXT_PLAIN)
+        .await
+        .expect("send after failover");
+    assert_eq!(sent.version, 1);
+    assert_eq!(alice.connected_to(), second.address());
+    let relogged = cluster
+        .seen()
+        .iter()
+        .any(|(node, r)| *node == second.addr() && matches!(r.body, Some(request::Body::Login(_))));
+    assert!(relogged, "the client logs in again on the new node");
+}
+
+#[tokio::test]
+async fn failover_uses_the_addresses_learned_at_login() {
+    let cluster = FakeCluster::new();
+    let first = cluster.start_node().await;
+    let second = cluster.start_node().await;
+    cluster.set_client_addrs(vec![first.address(), second.address()]);
+    let alice = logged_in(&cluster, cluster.config(&[&first]), "alice").await;
+    first.kill();
+    alice.ping(7).await.expect("ping after failover");
+    assert_eq!(alice.connected_to(), second.address());
+}
+
+#[tokio::test]
+async fn no_reachable_server_is_a_connect_error() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    node.kill();
+    let mut config = cluster.config(&[&node]);
+    config.connect_timeout = Duration::from_millis(300);
+    let refused = Client::connect(config).await;
+    assert!(
+        matches!(refused, Err(ClientError::Connect(_))),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn incoming_delivers_every_entry_once_in_order_across_a_failover() {
+    let cluster = FakeCluster::new();
+    let first = cluster.start_node().await;
+    let second = cluster.start_node().await;
+    let config = cluster.config(&[&first, &second]);
+    let bob = logged_in(&cluster, config.clone(), "bob").await;
+    let alice = logged_in(&cluster, cluster.config(&[&second]), "alice").await;
+    let bob_id = bob.user_id().expect("id");
+
+    alice
+        .send(bob_id, "before", b"0".to_vec(), TEXT_PLAIN)
+        .await
+        .expect("send");
+    let mut incoming = bob.incoming(0);
+    for i in 1..=4u8 {
+        alice
+            .send(bob_id, &format!("m{i}"), vec![i], TEXT_PLAIN)
+            .await
+            .expect("send");
+    }
+    first.kill();
+    for i in 5..=7u8 {
+        alice
+            .send(bob_id, &format!("m{i}"), vec![i], TEXT_PLAIN)
+            .await
+            .expect("send");
+    }
+    let mut versions = Vec::new();
+    while versions.len() < 8 {
+        let entry = tokio::time::timeout(Duration::from_secs(10), incoming.recv())
+            .await
+            .expect("an entry in time")
+            .expect("the task runs");
+        versions.push(entry.version);
+    }
+    assert_eq!(versions, (1..=8).collect::<Vec<_>>());
+    // Nothing more, however long we wait for a duplicate.
+    let extra = tokio::time::timeout(Duration::from_millis(800), incoming.recv()).await;
+    assert!(extra.is_err(), "no entry is delivered twice: {extra:?}");
+    assert_eq!(bob.connected_to(), second.address());
+}
+
+#[tokio::test]
+async fn a_replaced_session_ends_incoming_and_is_not_reopened() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let bob = logged_in(&cluster, cluster.config(&[&node]), "bob").await;
+    let mut incoming = bob.incoming(0);
+    // Let the task pick up the push stream first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.kick(bob.user_id().expect("id"), kick::Reason::SessionReplaced);
+    let end = tokio::time::timeout(Duration::from_secs(5), incoming.recv())
+        .await
+        .expect("the task ends in time");
+    assert!(end.is_none());
+    let kick = bob.kick().expect("the kick is kept");
+    assert_eq!(kick.reason, kick::Reason::SessionReplaced as i32);
+}
+
+#[tokio::test]
+async fn operations_needing_a_token_say_so_before_login() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let client = Client::connect(cluster.config(&[&node]))
+        .await
+        .expect("connect");
+    assert!(matches!(
+        client.sync(0, 0).await,
+        Err(ClientError::Config(_))
+    ));
+}
+
+#[tokio::test]
+async fn when_every_node_is_gone_a_call_ends_unreachable_at_the_deadline() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let mut config = cluster.config(&[&node]);
+    config.connect_timeout = Duration::from_millis(200);
+    config.retry_deadline = Duration::from_secs(2);
+    let alice = logged_in(&cluster, config, "alice").await;
+    node.kill();
+    let started = std::time::Instant::now();
+    let outcome = alice.ping(1).await;
+    assert!(
+        matches!(outcome, Err(ClientError::Connect(_))),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+}

@@ -1,0 +1,737 @@
+//! Chat over QUIC on a real three-node cluster, driven as a user drives it:
+//! with the `fishchat` command-line client and the client SDK.
+//!
+//! Each test starts its own cluster; they run one at a time (two clusters
+//! at once overload a two-core machine into elections).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context};
+use fishchat_client::{Client, ClientConfig, Connection};
+use fishchat_cluster_tests::{cli_binary, Cluster};
+use fishchat_proto::client::{
+    request, response, ErrorCode, LoginRequest, PingRequest, Request, SendRequest, SyncRequest,
+};
+use serde_json::Value;
+
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const SHARDS: u32 = 8;
+const READY: Duration = Duration::from_secs(60);
+const PASSWORD: &str = "correct horse";
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn started(extra: &[&str]) -> anyhow::Result<Cluster> {
+    let cluster = Cluster::start_with(3, SHARDS, extra)?;
+    for id in 1..=3 {
+        cluster.wait_ready(id, READY)?;
+    }
+    Ok(cluster)
+}
+
+/// Client settings for `servers` (node ids, in the order to try).
+fn config(cluster: &Cluster, servers: &[u64]) -> anyhow::Result<ClientConfig> {
+    let addrs = servers.iter().map(|id| cluster.client_addr(*id)).collect();
+    Ok(ClientConfig::from_ca_file(addrs, cluster.ca_path())?)
+}
+
+/// Runs the CLI against `server` as `user`; returns its standard output.
+fn cli(
+    cluster: &Cluster,
+    server: u64,
+    user: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut child = Command::new(cli_binary()?)
+        .arg("--server")
+        .arg(cluster.client_addr(server))
+        .arg("--ca")
+        .arg(cluster.ca_path())
+        .arg("--user")
+        .arg(user)
+        .arg("--password")
+        .arg(PASSWORD)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "fishchat {args:?} as {user} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+fn json_lines(text: &str) -> anyhow::Result<Vec<Value>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect()
+}
+
+fn field(entry: &Value, name: &str) -> anyhow::Result<u64> {
+    entry[name]
+        .as_u64()
+        .ok_or_else(|| anyhow!("entry without {name}: {entry}"))
+}
+
+/// Registers `name` through the CLI and returns its user id.
+fn register(cluster: &Cluster, server: u64, name: &str) -> anyhow::Result<u64> {
+    let out = cli(cluster, server, name, &["--json", "register"], None)?;
+    let lines = json_lines(&out)?;
+    let first = lines
+        .first()
+        .ok_or_else(|| anyhow!("register printed nothing"))?;
+    field(first, "user_id")
+}
+
+/// Registers the first of `names` whose shard differs from `other`'s, so the
+/// sender's copy crosses shards (the outbox path).
+fn register_in_another_shard(
+    cluster: &Cluster,
+    other: u64,
+    names: &[&str],
+) -> anyhow::Result<(String, u64)> {
+    for name in names {
+        let shard = fishchat_shard_of(cluster, name)?;
+        if shard != other % u64::from(SHARDS) {
+            return Ok((name.to_string(), register(cluster, 3, name)?));
+        }
+    }
+    bail!("every candidate name shares a shard with user {other}")
+}
+
+/// The shard a name would be registered in: FNV-1a of the lowercased name,
+/// as docs/decisions.md ("User ids encode their shard") describes.
+fn fishchat_shard_of(_cluster: &Cluster, name: &str) -> anyhow::Result<u64> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.to_lowercase().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok(hash % u64::from(SHARDS))
+}
+
+#[test]
+fn five_hundred_messages_arrive_in_order_and_the_sender_sees_its_copies() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let cluster = started(&[])?;
+    let alice = register(&cluster, 1, "alice")?;
+    let (bob_name, bob) = register_in_another_shard(&cluster, alice, &["bob", "bobby", "robert"])?;
+
+    let bodies: Vec<String> = (1..=500)
+        .map(|i| format!("message {i:03} to {bob_name}"))
+        .collect();
+    let sent = cli(
+        &cluster,
+        1,
+        "alice",
+        &["--json", "send", &bob_name],
+        Some(&(bodies.join("\n") + "\n")),
+    )?;
+    ensure!(json_lines(&sent)?.len() == 500, "500 sends acknowledged");
+
+    let synced = json_lines(&cli(
+        &cluster,
+        3,
+        &bob_name,
+        &["--json", "sync", "--since", "0"],
+        None,
+    )?)?;
+    ensure!(
+        synced.len() == 500,
+        "bob holds {} entries, not 500",
+        synced.len()
+    );
+    for (i, entry) in synced.iter().enumerate() {
+        ensure!(
+            field(entry, "version")? == i as u64 + 1,
+            "versions 1..500 in order: {entry}"
+        );
+        ensure!(entry["body"] == bodies[i].as_str(), "body as sent: {entry}");
+        ensure!(field(entry, "from")? == alice, "from alice: {entry}");
+    }
+
+    let own = json_lines(&cli(&cluster, 1, "alice", &["--json", "sync"], None)?)?;
+    let copies: Vec<&Value> = own.iter().filter(|e| e["from"] == alice).collect();
+    ensure!(
+        copies.len() == 500,
+        "alice sees {} of her 500 sent messages",
+        copies.len()
+    );
+    for (i, entry) in copies.iter().enumerate() {
+        ensure!(
+            entry["body"] == bodies[i].as_str(),
+            "alice's copies in order: {entry}"
+        );
+        ensure!(field(entry, "to")? == bob, "sent to bob: {entry}");
+    }
+    let bob_ids: Vec<u64> = synced
+        .iter()
+        .map(|e| field(e, "message_id"))
+        .collect::<Result<_, _>>()?;
+    let copy_ids: Vec<u64> = copies
+        .iter()
+        .map(|e| field(e, "message_id"))
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        bob_ids == copy_ids,
+        "both copies of each message carry one message id"
+    );
+    Ok(())
+}
+
+#[test]
+fn watch_prints_a_message_sent_through_another_node_when_notified() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let cluster = started(&[])?;
+    register(&cluster, 1, "alice")?;
+    let bob = register(&cluster, 1, "bob")?;
+
+    // The watcher's periodic sync is far away, so only a Notify can make it
+    // print within the test's wait.
+    let mut watch = Command::new(cli_binary()?)
+        .args(["--server", &cluster.client_addr(3), "--ca"])
+        .arg(cluster.ca_path())
+        .args(["--user", "bob", "--password", PASSWORD, "--json", "watch"])
+        .env("FISHCHAT_SYNC_INTERVAL_SECS", "600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = watch.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let stderr = watch.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let lines = line_reader(stdout);
+    let notes = line_reader(stderr);
+    // The watcher says on standard error when it is logged in and listening.
+    let ready = notes.recv_timeout(Duration::from_secs(30));
+    if !matches!(&ready, Ok(line) if line.starts_with("watching")) {
+        let _ = watch.kill();
+        bail!("watch did not start: {ready:?}");
+    }
+    let rt = runtime()?;
+    let outcome = rt.block_on(async {
+        let alice = Client::connect(config(&cluster, &[1])?).await?;
+        alice.login("alice", PASSWORD, None).await?;
+        let sent_at = Instant::now();
+        alice
+            .send(bob, "watch-1", b"are you there?".to_vec(), "text/plain")
+            .await?;
+        anyhow::Ok(sent_at)
+    });
+    let sent_at = match outcome {
+        Ok(at) => at,
+        Err(e) => {
+            let _ = watch.kill();
+            return Err(e);
+        }
+    };
+    let line = lines.recv_timeout(Duration::from_secs(30));
+    let waited = sent_at.elapsed();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let line = line.context("watch printed nothing after the send")?;
+    let entry: Value = serde_json::from_str(&line)?;
+    ensure!(entry["body"] == "are you there?", "watch printed {entry}");
+    eprintln!("watch printed the message {waited:?} after the send");
+    ensure!(
+        waited < Duration::from_secs(30),
+        "arrived by Notify, well before the periodic sync"
+    );
+    Ok(())
+}
+
+/// The lines of `pipe`, read on a thread.
+fn line_reader(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Sends `count` messages from `client` to `to`, with ids `prefix-N`;
+/// returns the bodies acknowledged.
+async fn send_many(
+    client: &Client,
+    to: u64,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut acked = Vec::new();
+    for i in 0..count {
+        let body = format!("{prefix} {i}");
+        client
+            .send(
+                to,
+                &format!("{prefix}-{i}"),
+                body.clone().into_bytes(),
+                "text/plain",
+            )
+            .await
+            .with_context(|| format!("sending {body}"))?;
+        acked.push(body);
+    }
+    Ok(acked)
+}
+
+async fn inbox_bodies(client: &Client) -> anyhow::Result<Vec<String>> {
+    let entries = client.sync_all(0).await?;
+    for (i, entry) in entries.iter().enumerate() {
+        ensure!(
+            entry.version == i as u64 + 1,
+            "gap-free versions: {entry:?}"
+        );
+    }
+    Ok(entries
+        .into_iter()
+        .map(|e| String::from_utf8_lossy(&e.body).into_owned())
+        .collect())
+}
+
+fn same_digests_everywhere(cluster: &Cluster) -> anyhow::Result<Option<()>> {
+    let mut views = Vec::new();
+    for id in 1..=3 {
+        let status = cluster.status(id)?;
+        let shards = status["shards"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no shards"))?
+            .iter()
+            .map(|s| {
+                (
+                    s["shard"].clone(),
+                    s["applied"].clone(),
+                    s["digest"].clone(),
+                )
+            })
+            .collect::<Vec<_>>();
+        views.push(shards);
+    }
+    Ok((views[0] == views[1] && views[1] == views[2]).then_some(()))
+}
+
+#[test]
+fn a_killed_node_does_not_stop_chat_and_catches_up_when_restarted() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let mut cluster = started(&[])?;
+    let rt = runtime()?;
+    let (alice, bob, bob_id) = rt.block_on(async {
+        let alice = Client::connect(config(&cluster, &[1, 2, 3])?).await?;
+        alice.register("alice", PASSWORD).await?;
+        let bob_id = alice.register("bob", PASSWORD).await?;
+        alice.login("alice", PASSWORD, None).await?;
+        let bob = Client::connect(config(&cluster, &[1, 3, 2])?).await?;
+        bob.login("bob", PASSWORD, None).await?;
+        anyhow::Ok((alice, bob, bob_id))
+    })?;
+    let mut expected = rt.block_on(send_many(&alice, bob_id, "before", 50))?;
+
+    cluster.kill(1)?;
+    expected.extend(rt.block_on(send_many(&alice, bob_id, "during", 50))?);
+    let during = rt.block_on(inbox_bodies(&bob))?;
+    ensure!(
+        during == expected,
+        "bob syncs through the survivors: {during:?}"
+    );
+    ensure!(
+        !alice.connected_to().ends_with(&cluster.client_addr(1)),
+        "alice moved off node 1"
+    );
+
+    cluster.start_node(1)?;
+    cluster.wait_ready(1, READY)?;
+    expected.extend(rt.block_on(send_many(&alice, bob_id, "after", 20))?);
+    cluster.eventually(
+        "every shard has the same applied index and digest on all three nodes",
+        Duration::from_secs(60),
+        same_digests_everywhere,
+    )?;
+    let node1 = rt.block_on(async {
+        let bob_on_1 = Client::connect(config(&cluster, &[1])?).await?;
+        bob_on_1.login("bob", PASSWORD, None).await?;
+        inbox_bodies(&bob_on_1).await
+    })?;
+    ensure!(node1 == expected, "the restarted node serves everything");
+    Ok(())
+}
+
+#[test]
+fn every_acknowledged_message_survives_killing_all_nodes() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let mut cluster = started(&[])?;
+    let rt = runtime()?;
+    let (bob_id, acked) = rt.block_on(async {
+        let alice = Client::connect(config(&cluster, &[2])?).await?;
+        alice.register("alice", PASSWORD).await?;
+        let bob_id = alice.register("bob", PASSWORD).await?;
+        alice.login("alice", PASSWORD, None).await?;
+        let acked = send_many(&alice, bob_id, "durable", 100).await?;
+        anyhow::Ok((bob_id, acked))
+    })?;
+    for id in 1..=3 {
+        cluster.kill(id)?;
+    }
+    for id in 1..=3 {
+        cluster.start_node(id)?;
+    }
+    for id in 1..=3 {
+        cluster.wait_ready(id, READY)?;
+    }
+    let (bob_inbox, alice_inbox) = rt.block_on(async {
+        let bob = Client::connect(config(&cluster, &[3, 1, 2])?).await?;
+        let login = bob.login("bob", PASSWORD, None).await?;
+        ensure!(login.user_id == bob_id);
+        let alice = Client::connect(config(&cluster, &[1, 2, 3])?).await?;
+        alice.login("alice", PASSWORD, None).await?;
+        anyhow::Ok((inbox_bodies(&bob).await?, inbox_bodies(&alice).await?))
+    })?;
+    ensure!(
+        bob_inbox == acked,
+        "bob's inbox after the restart: {bob_inbox:?}"
+    );
+    ensure!(alice_inbox == acked, "alice's copies after the restart");
+    Ok(())
+}
+
+#[test]
+fn a_retried_send_returns_the_first_result_and_stores_one_entry() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let cluster = started(&[])?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let alice = Client::connect(config(&cluster, &[1])?).await?;
+        alice.register("alice", PASSWORD).await?;
+        let bob_id = alice.register("bob", PASSWORD).await?;
+        alice.login("alice", PASSWORD, None).await?;
+        let first = alice
+            .send(bob_id, "same-id", b"once".to_vec(), "text/plain")
+            .await?;
+        ensure!(!first.duplicate);
+        // The retry arrives through another node.
+        let other = Client::connect(config(&cluster, &[3])?).await?;
+        other.login("alice", PASSWORD, None).await?;
+        let retry = other
+            .send(bob_id, "same-id", b"once".to_vec(), "text/plain")
+            .await?;
+        ensure!(retry.duplicate, "the retry is recognised");
+        ensure!(
+            (retry.message_id, retry.version, retry.timestamp_ms)
+                == (first.message_id, first.version, first.timestamp_ms),
+            "the retry returns the first result"
+        );
+        let bob = Client::connect(config(&cluster, &[2])?).await?;
+        bob.login("bob", PASSWORD, None).await?;
+        let inbox = bob.sync_all(0).await?;
+        ensure!(inbox.len() == 1, "one entry, not {}", inbox.len());
+        let own = alice.sync_all(0).await?;
+        ensure!(own.len() == 1, "one sender copy, not {}", own.len());
+        Ok(())
+    })
+}
+
+/// Sends `body` on `conn` as one request with `token`; returns the answer.
+async fn ask(
+    conn: &Connection,
+    token: &str,
+    body: request::Body,
+) -> anyhow::Result<response::Body> {
+    let response = conn
+        .request(&Request {
+            request_id: 1,
+            token: token.to_string(),
+            body: Some(body),
+        })
+        .await?;
+    response
+        .body
+        .ok_or_else(|| anyhow!("an answer without a body"))
+}
+
+/// The error code of an answer, or why it is not an error.
+fn code_of(answer: &response::Body) -> anyhow::Result<ErrorCode> {
+    match answer {
+        response::Body::Error(e) => Ok(ErrorCode::try_from(e.code)?),
+        other => bail!("expected an error, got {other:?}"),
+    }
+}
+
+async fn expect_code(
+    conn: &Connection,
+    token: &str,
+    body: request::Body,
+    want: ErrorCode,
+) -> anyhow::Result<()> {
+    let answer = ask(conn, token, body).await?;
+    let got = code_of(&answer)?;
+    ensure!(got == want, "expected {want:?}, got {answer:?}");
+    // The connection still serves.
+    let ping = ask(conn, "", request::Body::Ping(PingRequest { nonce: 9 })).await?;
+    ensure!(
+        matches!(ping, response::Body::Ping(p) if p.nonce == 9),
+        "ping after {want:?}"
+    );
+    Ok(())
+}
+
+fn send_body(to: u64, id: &str, body: Vec<u8>) -> request::Body {
+    request::Body::Send(SendRequest {
+        recipient_id: to,
+        client_msg_id: id.into(),
+        body,
+        content_type: "text/plain".into(),
+    })
+}
+
+async fn login_on(conn: &Connection, user: &str, password: &str) -> anyhow::Result<(String, u64)> {
+    let answer = ask(
+        conn,
+        "",
+        request::Body::Login(LoginRequest {
+            username: user.into(),
+            password: password.into(),
+            device: String::new(),
+        }),
+    )
+    .await?;
+    match answer {
+        response::Body::Login(login) => Ok((login.token, login.user_id)),
+        other => bail!("login as {user} failed: {other:?}"),
+    }
+}
+
+#[test]
+fn bad_input_gets_its_typed_error_changes_nothing_and_the_connection_goes_on() -> anyhow::Result<()>
+{
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    // Tokens live four seconds here, so one can be seen to expire.
+    let cluster = started(&["--token-lifetime-secs", "4"])?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let setup = Client::connect(config(&cluster, &[1])?).await?;
+        let alice_id = setup.register("alice", PASSWORD).await?;
+        let bob_id = setup.register("bob", PASSWORD).await?;
+
+        let conn = Connection::connect(&config(&cluster, &[2])?, &cluster.client_addr(2)).await?;
+        let login = |user: &str, password: &str| {
+            request::Body::Login(LoginRequest {
+                username: user.into(),
+                password: password.into(),
+                device: String::new(),
+            })
+        };
+        expect_code(
+            &conn,
+            "",
+            login("alice", "wrong password"),
+            ErrorCode::WrongPassword,
+        )
+        .await?;
+        expect_code(
+            &conn,
+            "",
+            login("nobody", PASSWORD),
+            ErrorCode::WrongPassword,
+        )
+        .await?;
+        expect_code(
+            &conn,
+            "fc1.garbage.token",
+            send_body(bob_id, "m1", b"x".to_vec()),
+            ErrorCode::Unauthenticated,
+        )
+        .await?;
+        expect_code(
+            &conn,
+            "",
+            send_body(bob_id, "m1", b"x".to_vec()),
+            ErrorCode::Unauthenticated,
+        )
+        .await?;
+
+        // Expired: a token of this cluster, used after its lifetime.
+        let other = Connection::connect(&config(&cluster, &[3])?, &cluster.client_addr(3)).await?;
+        let (old_token, _) = login_on(&other, "alice", PASSWORD).await?;
+        tokio::time::sleep(Duration::from_millis(4500)).await;
+        expect_code(
+            &conn,
+            &old_token,
+            send_body(bob_id, "m2", b"x".to_vec()),
+            ErrorCode::TokenExpired,
+        )
+        .await?;
+
+        // Logged out: refused on every node once Logout is answered.
+        let (token, _) = login_on(&other_connection(&cluster).await?, "alice", PASSWORD).await?;
+        let logout = ask(&conn, &token, request::Body::Logout(Default::default())).await?;
+        ensure!(
+            matches!(logout, response::Body::Logout(_)),
+            "logout: {logout:?}"
+        );
+        let elsewhere =
+            Connection::connect(&config(&cluster, &[1])?, &cluster.client_addr(1)).await?;
+        expect_code(
+            &elsewhere,
+            &token,
+            send_body(bob_id, "m3", b"x".to_vec()),
+            ErrorCode::TokenRevoked,
+        )
+        .await?;
+        expect_code(
+            &conn,
+            &token,
+            request::Body::Sync(SyncRequest { since: 0, limit: 0 }),
+            ErrorCode::TokenRevoked,
+        )
+        .await?;
+
+        // A connection bound to alice refuses bob's token: no sending as,
+        // nor syncing the inbox of, another user.
+        let (alice_token, _) = login_on(&conn, "alice", PASSWORD).await?;
+        let (bob_token, _) = login_on(&other_connection(&cluster).await?, "bob", PASSWORD).await?;
+        expect_code(
+            &conn,
+            &bob_token,
+            send_body(alice_id, "m4", b"x".to_vec()),
+            ErrorCode::PermissionDenied,
+        )
+        .await?;
+        expect_code(
+            &conn,
+            &bob_token,
+            request::Body::Sync(SyncRequest { since: 0, limit: 0 }),
+            ErrorCode::PermissionDenied,
+        )
+        .await?;
+        expect_code(
+            &conn,
+            "",
+            login("bob", PASSWORD),
+            ErrorCode::PermissionDenied,
+        )
+        .await?;
+
+        // Out-of-range input.
+        expect_code(
+            &conn,
+            &alice_token,
+            send_body(bob_id, "m5", vec![b'x'; 64 * 1024 + 1]),
+            ErrorCode::BodyTooLarge,
+        )
+        .await?;
+        expect_code(
+            &conn,
+            &alice_token,
+            send_body(alice_id + u64::from(SHARDS) * 1000, "m6", b"x".to_vec()),
+            ErrorCode::UnknownUser,
+        )
+        .await?;
+        expect_code(
+            &conn,
+            &alice_token,
+            send_body(bob_id, "", b"x".to_vec()),
+            ErrorCode::BadRequest,
+        )
+        .await?;
+        let no_operation = conn
+            .request(&Request {
+                request_id: 0,
+                token: String::new(),
+                body: None,
+            })
+            .await?;
+        ensure!(
+            code_of(
+                no_operation
+                    .body
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("no body"))?
+            )? == ErrorCode::BadRequest
+        );
+
+        // Frames that are not requests.
+        let garbage = conn.raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await?;
+        ensure!(
+            code_of(garbage.body.as_ref().ok_or_else(|| anyhow!("no body"))?)?
+                == ErrorCode::MalformedFrame,
+            "{garbage:?}"
+        );
+        let huge = conn.raw(&[0xff, 0xff, 0xff, 0xf0, 1, 2, 3]).await?;
+        ensure!(
+            code_of(huge.body.as_ref().ok_or_else(|| anyhow!("no body"))?)?
+                == ErrorCode::FrameTooLarge,
+            "{huge:?}"
+        );
+
+        // After all of that, a valid request on the same connection works,
+        // and no refused request left anything behind.
+        let sent = ask(
+            &conn,
+            &alice_token,
+            send_body(bob_id, "valid", b"hello".to_vec()),
+        )
+        .await?;
+        let response::Body::Send(sent) = sent else {
+            bail!("valid send failed: {sent:?}")
+        };
+        ensure!(sent.version == 1, "bob's first entry is the valid one");
+        let synced = ask(
+            &conn,
+            &alice_token,
+            request::Body::Sync(SyncRequest { since: 0, limit: 0 }),
+        )
+        .await?;
+        let response::Body::Sync(page) = synced else {
+            bail!("sync failed: {synced:?}")
+        };
+        let bodies: BTreeSet<Vec<u8>> = page.entries.into_iter().map(|e| e.body).collect();
+        ensure!(
+            bodies == BTreeSet::from([b"hello".to_vec()]),
+            "alice's inbox holds only the valid send"
+        );
+        Ok(())
+    })
+}
+
+async fn other_connection(cluster: &Cluster) -> anyhow::Result<Connection> {
+    Ok(Connection::connect(&config(cluster, &[3])?, &cluster.client_addr(3)).await?)
+}
