@@ -728,6 +728,14 @@ fn bad_input_gets_its_typed_error_changes_nothing_and_the_connection_goes_on() -
             bodies == BTreeSet::from([b"hello".to_vec()]),
             "alice's inbox holds only the valid send"
         );
+        // Operators see the refusals by operation and code.
+        let metrics = cluster.metrics(2)?;
+        for line in [
+            r#"fishchat_client_requests_total{operation="login",outcome="WRONG_PASSWORD"} 2"#,
+            r#"fishchat_client_requests_total{operation="frame",outcome="FRAME_TOO_LARGE"} 1"#,
+        ] {
+            ensure!(metrics.contains(line), "metrics lack {line}:\n{metrics}");
+        }
         Ok(())
     })
 }

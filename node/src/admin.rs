@@ -20,8 +20,10 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::chat::Chat;
 use crate::config::Settings;
 use crate::node::group_of;
+use crate::sessions::Sessions;
 
 /// What the admin handlers read.
 #[derive(Clone)]
@@ -29,15 +31,26 @@ pub struct AdminState {
     settings: Arc<Settings>,
     host: Arc<GroupHost>,
     map: ShardMap,
+    chat: Arc<Chat>,
+    sessions: Arc<Sessions>,
 }
 
 impl AdminState {
-    /// State for the node with `settings`, `host` and `map`.
-    pub fn new(settings: Settings, host: Arc<GroupHost>, map: ShardMap) -> Self {
+    /// State for the node with `settings`, `host` and `map`, serving clients
+    /// with `chat` and `sessions`.
+    pub fn new(
+        settings: Settings,
+        host: Arc<GroupHost>,
+        map: ShardMap,
+        chat: Arc<Chat>,
+        sessions: Arc<Sessions>,
+    ) -> Self {
         Self {
             settings: Arc::new(settings),
             host,
             map,
+            chat,
+            sessions,
         }
     }
 }
@@ -154,6 +167,13 @@ async fn status(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// Labels of the client request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RequestLabel {
+    operation: &'static str,
+    outcome: &'static str,
+}
+
 /// Labels of per-shard metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct ShardLabel {
@@ -210,6 +230,24 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             .synced_writes
             .load(std::sync::atomic::Ordering::Relaxed),
     );
+    let requests = Family::<RequestLabel, Counter<u64>>::default();
+    let bound = Gauge::<i64>::default();
+    registry.register(
+        "client_requests",
+        "Client requests answered, by operation and outcome (OK or the error code)",
+        requests.clone(),
+    );
+    registry.register(
+        "client_sessions_bound",
+        "Client connections bound to a session on this node",
+        bound.clone(),
+    );
+    for ((operation, outcome), count) in state.chat.stats().snapshot() {
+        requests
+            .get_or_create(&RequestLabel { operation, outcome })
+            .inc_by(count);
+    }
+    bound.set(i64::try_from(state.sessions.bound()).unwrap_or(i64::MAX));
     let mut body = String::new();
     match encode(&mut body, &registry) {
         Ok(()) => (

@@ -113,6 +113,41 @@ pub struct Effects {
     pub bind: Option<(Binding, u64)>,
 }
 
+/// How many requests of each operation ended how: for `/metrics`.
+#[derive(Default)]
+pub struct RequestStats {
+    counts: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl RequestStats {
+    /// Counts one request of `operation` that ended with `outcome` ("OK" or
+    /// an error code's name).
+    pub fn record(&self, operation: &'static str, outcome: &'static str) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        *counts.entry((operation, outcome)).or_default() += 1;
+    }
+
+    /// Every (operation, outcome) counted so far.
+    pub fn snapshot(&self) -> Vec<((&'static str, &'static str), u64)> {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+}
+
+/// The operation a request asks for, as a metric label.
+fn operation_name(request: &Request) -> &'static str {
+    match &request.body {
+        None => "none",
+        Some(request::Body::Register(_)) => "register",
+        Some(request::Body::Login(_)) => "login",
+        Some(request::Body::Logout(_)) => "logout",
+        Some(request::Body::Send(_)) => "send",
+        Some(request::Body::Sync(_)) => "sync",
+        Some(request::Body::Ping(_)) => "ping",
+        Some(request::Body::Lookup(_)) => "lookup",
+    }
+}
+
 /// The protocol's operations on one node.
 pub struct Chat {
     host: Arc<GroupHost>,
@@ -122,6 +157,7 @@ pub struct Chat {
     events: Arc<Events>,
     client_addrs: Vec<String>,
     random: SystemRandom,
+    stats: RequestStats,
 }
 
 impl Chat {
@@ -142,6 +178,7 @@ impl Chat {
             events,
             client_addrs,
             random: SystemRandom::new(),
+            stats: RequestStats::default(),
         }
     }
 
@@ -150,9 +187,15 @@ impl Chat {
         &self.limits
     }
 
+    /// Requests answered so far, by operation and outcome.
+    pub fn stats(&self) -> &RequestStats {
+        &self.stats
+    }
+
     /// Answers one request from a connection bound to `bound` (if any).
     pub async fn handle(&self, request: Request, bound: Option<Binding>) -> (Response, Effects) {
         let request_id = request.request_id;
+        let operation = operation_name(&request);
         let span = tracing::info_span!("request", request_id, user = tracing::field::Empty);
         let mut effects = Effects::default();
         let outcome = self
@@ -160,8 +203,12 @@ impl Chat {
             .instrument(span)
             .await;
         let body = match outcome {
-            Ok(body) => body,
+            Ok(body) => {
+                self.stats.record(operation, "OK");
+                body
+            }
             Err(refusal) => {
+                self.stats.record(operation, refusal.code.as_str_name());
                 if matches!(refusal.code, ErrorCode::Internal) {
                     tracing::error!(request_id, error = %refusal.message, "request failed");
                 }

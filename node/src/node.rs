@@ -99,7 +99,7 @@ impl Node {
         let clients = ClientEndpoint::start(
             settings.client_listen,
             keys.server_crypto,
-            chat,
+            chat.clone(),
             sessions.clone(),
         )?;
         let (pump_stop, pump_stopped) = tokio::sync::watch::channel(false);
@@ -109,7 +109,8 @@ impl Node {
         let listener = tokio::net::TcpListener::bind(settings.admin_listen)
             .await
             .with_context(|| format!("binding the admin port {}", settings.admin_listen))?;
-        let state = admin::AdminState::new(settings.clone(), host.clone(), map);
+        let state =
+            admin::AdminState::new(settings.clone(), host.clone(), map, chat, sessions.clone());
         let admin_task = tokio::spawn(async move {
             if let Err(e) = admin::serve(listener, state, stopped).await {
                 tracing::error!(error = %e, "admin server failed");

@@ -21,6 +21,9 @@ use crate::sessions::{PushEvent, Sessions};
 
 /// Pushes waiting for one connection's writer; beyond this Notifies drop.
 const PUSH_QUEUE: usize = 64;
+/// A connection with no traffic for this long is closed (protocol default;
+/// clients keep alive at a third of it).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a kicked connection stays open so its last answers and the Kick
 /// frame reach the client.
 const KICK_GRACE: Duration = Duration::from_millis(250);
@@ -47,7 +50,7 @@ impl ClientEndpoint {
         // Clients never open unidirectional streams.
         transport.max_concurrent_uni_streams(0u32.into());
         transport.max_idle_timeout(Some(
-            Duration::from_secs(60)
+            IDLE_TIMEOUT
                 .try_into()
                 .context("idle timeout out of range")?,
         ));
@@ -183,6 +186,8 @@ async fn answer(
     };
     let response = match frame::read::<Request, _>(&mut recv, max).await {
         Ok(Some(request)) => {
+            // One request per stream: anything after the frame is discarded.
+            let _ = recv.stop(0u32.into());
             let (response, effects) = chat.handle(request, conn.bound()).await;
             if let Some((binding, latest)) = effects.bind {
                 conn.bind(binding, latest);
@@ -210,6 +215,12 @@ async fn answer(
             format!("the stream ended inside a frame: {e}"),
         ),
     };
+    if let Some(fishchat_proto::client::response::Body::Error(e)) = &response.body {
+        if response.request_id == 0 {
+            let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+            chat.stats().record("frame", code.as_str_name());
+        }
+    }
     if let Err(e) = frame::write(&mut send, &response).await {
         tracing::debug!(conn = conn.id, error = %e, "answer not delivered");
         return;
