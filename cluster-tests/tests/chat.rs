@@ -11,10 +11,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
-use fishchat_client::{Client, ClientConfig, Connection};
+use fishchat_client::{Client, ClientConfig, Connection, PushStream};
 use fishchat_cluster_tests::{cli_binary, Cluster};
 use fishchat_proto::client::{
-    request, response, ErrorCode, LoginRequest, PingRequest, Request, SendRequest, SyncRequest,
+    kick::Reason, push, request, response, ErrorCode, LoginRequest, PingRequest, Request,
+    SendRequest, SyncRequest,
 };
 use serde_json::Value;
 
@@ -607,6 +608,11 @@ fn bad_input_gets_its_typed_error_changes_nothing_and_the_connection_goes_on() -
             matches!(logout, response::Body::Logout(_)),
             "logout: {logout:?}"
         );
+        let again = ask(&conn, &token, request::Body::Logout(Default::default())).await?;
+        ensure!(
+            matches!(again, response::Body::Logout(_)),
+            "logging out a revoked token succeeds again: {again:?}"
+        );
         let elsewhere =
             Connection::connect(&config(&cluster, &[1])?, &cluster.client_addr(1)).await?;
         expect_code(
@@ -738,6 +744,99 @@ fn bad_input_gets_its_typed_error_changes_nothing_and_the_connection_goes_on() -
         }
         Ok(())
     })
+}
+
+async fn login_device(conn: &Connection, user: &str, device: &str) -> anyhow::Result<String> {
+    let answer = ask(
+        conn,
+        "",
+        request::Body::Login(LoginRequest {
+            username: user.into(),
+            password: PASSWORD.into(),
+            device: device.into(),
+        }),
+    )
+    .await?;
+    match answer {
+        response::Body::Login(login) => Ok(login.token),
+        other => bail!("login as {user} on {device} failed: {other:?}"),
+    }
+}
+
+/// The next push frame, within ten seconds.
+async fn next_push(stream: &mut PushStream) -> anyhow::Result<push::Body> {
+    let frame = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .context("no push within 10 s")??;
+    frame
+        .and_then(|p| p.body)
+        .ok_or_else(|| anyhow!("the push stream ended"))
+}
+
+#[test]
+fn a_device_login_replaces_its_earlier_session_on_any_node_and_logout_kicks() -> anyhow::Result<()>
+{
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let cluster = started(&[])?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let setup = Client::connect(config(&cluster, &[1])?).await?;
+        let alice = setup.register("alice", PASSWORD).await?;
+
+        // The laptop logs in on node 1 and gets its push stream.
+        let laptop = Connection::connect(&config(&cluster, &[1])?, &cluster.client_addr(1)).await?;
+        let first = login_device(&laptop, "alice", "laptop").await?;
+        let mut laptop_pushes = laptop.accept_push_stream().await?;
+        ensure!(
+            matches!(next_push(&mut laptop_pushes).await?, push::Body::Notify(n) if n.latest_version == 0),
+            "the push stream opens with a Notify of the latest version"
+        );
+
+        // Refreshing the token on the same connection keeps the session.
+        let refreshed = login_device(&laptop, "alice", "laptop").await?;
+        for token in [&first, &refreshed] {
+            let sent = ask(&laptop, token, send_body(alice, &format!("note-{token}"), b"x".to_vec())).await?;
+            ensure!(matches!(sent, response::Body::Send(_)), "token still valid: {sent:?}");
+        }
+        // Each send to oneself is announced on the push stream.
+        for _ in 0..2 {
+            ensure!(matches!(next_push(&mut laptop_pushes).await?, push::Body::Notify(_)));
+        }
+
+        // The same device name logging in on node 3 ends the laptop's session.
+        let other = Connection::connect(&config(&cluster, &[3])?, &cluster.client_addr(3)).await?;
+        let newer = login_device(&other, "alice", "laptop").await?;
+        let mut other_pushes = other.accept_push_stream().await?;
+        match next_push(&mut laptop_pushes).await? {
+            push::Body::Kick(kick) => ensure!(
+                kick.reason == Reason::SessionReplaced as i32,
+                "kicked as replaced: {kick:?}"
+            ),
+            other => bail!("expected a Kick, got {other:?}"),
+        }
+        let other_check = Connection::connect(&config(&cluster, &[2])?, &cluster.client_addr(2)).await?;
+        expect_code(&other_check, &refreshed, sync_from_start(), ErrorCode::TokenRevoked).await?;
+
+        // Logout kicks the connection bound to the session.
+        ensure!(matches!(next_push(&mut other_pushes).await?, push::Body::Notify(_)));
+        let logout = ask(&other, &newer, request::Body::Logout(Default::default())).await?;
+        ensure!(matches!(logout, response::Body::Logout(_)), "logout: {logout:?}");
+        match next_push(&mut other_pushes).await? {
+            push::Body::Kick(kick) => ensure!(
+                kick.reason == Reason::TokenRevoked as i32,
+                "kicked as logged out: {kick:?}"
+            ),
+            other => bail!("expected a Kick, got {other:?}"),
+        }
+        Ok(())
+    })
+}
+
+/// A Sync of the whole inbox.
+fn sync_from_start() -> request::Body {
+    request::Body::Sync(SyncRequest { since: 0, limit: 0 })
 }
 
 async fn other_connection(cluster: &Cluster) -> anyhow::Result<Connection> {

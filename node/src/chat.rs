@@ -32,6 +32,8 @@ const MAX_CLIENT_MSG_ID: usize = 128;
 const MAX_CONTENT_TYPE: usize = 128;
 /// Longest accepted device name, in bytes (fixed rule).
 const MAX_DEVICE: usize = 64;
+/// Inbox entries read per scan while filling a sync page.
+const SYNC_CHUNK: usize = 64;
 /// Protobuf overhead allowed per inbox entry when filling a sync page.
 const ENTRY_OVERHEAD: usize = 128;
 
@@ -158,6 +160,9 @@ pub struct Chat {
     client_addrs: Vec<String>,
     random: SystemRandom,
     stats: RequestStats,
+    /// Password hashing in progress: each takes ~19 MiB and a core for tens
+    /// of milliseconds, so their number is bounded.
+    hashing: tokio::sync::Semaphore,
 }
 
 impl Chat {
@@ -179,6 +184,9 @@ impl Chat {
             client_addrs,
             random: SystemRandom::new(),
             stats: RequestStats::default(),
+            hashing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
+            ),
         }
     }
 
@@ -198,10 +206,18 @@ impl Chat {
         let operation = operation_name(&request);
         let span = tracing::info_span!("request", request_id, user = tracing::field::Empty);
         let mut effects = Effects::default();
-        let outcome = self
-            .dispatch(request, bound, &mut effects)
-            .instrument(span)
-            .await;
+        let deadline = self.limits.request_deadline;
+        let outcome = tokio::time::timeout(
+            deadline,
+            self.dispatch(request, bound, &mut effects).instrument(span),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refusal::new(
+                ErrorCode::Timeout,
+                format!("no outcome within the request deadline of {deadline:?}"),
+            ))
+        });
         let body = match outcome {
             Ok(body) => {
                 self.stats.record(operation, "OK");
@@ -242,7 +258,8 @@ impl Chat {
             request::Body::Register(register) => self.register(register).await,
             request::Body::Login(login) => self.login(login, bound, effects).await,
             request::Body::Logout(_) => {
-                let claims = self.authenticate(&request.token, bound).await?;
+                // Logging out a revoked token succeeds again: no revocation check.
+                let claims = self.verify(&request.token, bound)?;
                 self.logout(claims).await
             }
             request::Body::Send(send) => {
@@ -255,12 +272,11 @@ impl Chat {
             }
             request::Body::Lookup(lookup) => {
                 self.authenticate(&request.token, bound).await?;
-                let account = self.account(&lookup.username).await?.ok_or_else(|| {
-                    Refusal::new(
-                        ErrorCode::UnknownUser,
-                        format!("no user is named {:?}", lookup.username),
-                    )
-                })?;
+                let unknown = || Refusal::new(ErrorCode::UnknownUser, "no user has this name");
+                if !fishchat_shard::valid_username(&lookup.username) {
+                    return Err(unknown());
+                }
+                let account = self.account(&lookup.username).await?.ok_or_else(unknown)?;
                 Ok(response::Body::Lookup(wire::LookupResponse {
                     user_id: account.user_id,
                     username: account.username,
@@ -276,6 +292,7 @@ impl Chat {
         self.check_password_rules(&register.password)?;
         let password = register.password;
         let salt = self.salt()?;
+        let _permit = self.hashing_permit().await?;
         let hash = tokio::task::spawn_blocking(move || {
             Argon2::default()
                 .hash_password(password.as_bytes(), &salt)
@@ -322,6 +339,20 @@ impl Chat {
         SaltString::encode_b64(&bytes).map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))
     }
 
+    /// Waits (briefly) for a turn to hash a password.
+    async fn hashing_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
+        let busy = || {
+            Refusal::new(
+                ErrorCode::TooManyRequests,
+                "too many logins and registrations at once on this node",
+            )
+        };
+        tokio::time::timeout(Duration::from_secs(2), self.hashing.acquire())
+            .await
+            .map_err(|_| busy())?
+            .map_err(|_| busy())
+    }
+
     fn random_u64(&self) -> Result<u64, Refusal> {
         let mut bytes = [0u8; 8];
         self.random
@@ -357,6 +388,7 @@ impl Chat {
         }
         let password = login.password;
         let stored = account.password_hash.clone();
+        let permit = self.hashing_permit().await?;
         let verified = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&stored)
                 .map(|hash| {
@@ -369,10 +401,13 @@ impl Chat {
         .await
         .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("stored hash: {e}")))?;
+        drop(permit);
         if !verified {
             return Err(wrong());
         }
         let user = account.user_id;
+        // Read before anything changes: a failure here must leave no trace.
+        let latest = self.latest_version(user).await?;
         let session = self.random_u64()?;
         let expires_ms = now_ms().saturating_add(duration_ms(self.limits.token_lifetime));
         if !login.device.is_empty() {
@@ -381,6 +416,7 @@ impl Chat {
                 session,
                 device: login.device.clone(),
                 expires_ms,
+                refreshes: bound.map_or(0, |b| b.session),
             };
             match self.propose(self.map.shard_of_user(user), &command).await? {
                 Reply::SessionOpened { replaced } => {
@@ -397,7 +433,6 @@ impl Chat {
             session,
             expires_ms,
         };
-        let latest = self.latest_version(user).await?;
         effects.bind = Some((
             Binding {
                 user,
@@ -444,6 +479,24 @@ impl Chat {
     /// Checks a request's token: signed here, not expired, usable on this
     /// connection, not revoked (read at the user's shard).
     async fn authenticate(&self, token: &str, bound: Option<Binding>) -> Result<Claims, Refusal> {
+        let claims = self.verify(token, bound)?;
+        let shard = self.map.shard_of_user(claims.user);
+        if self
+            .read(shard, &revoked_key(claims.user, claims.session))
+            .await?
+            .is_some()
+        {
+            return Err(Refusal::new(
+                ErrorCode::TokenRevoked,
+                "the session was logged out; log in again",
+            ));
+        }
+        Ok(claims)
+    }
+
+    /// Checks a token's signature, expiry and fit to the connection (no
+    /// revocation check).
+    fn verify(&self, token: &str, bound: Option<Binding>) -> Result<Claims, Refusal> {
         if token.is_empty() {
             return Err(Refusal::new(
                 ErrorCode::Unauthenticated,
@@ -469,17 +522,6 @@ impl Chat {
             }
         }
         tracing::Span::current().record("user", claims.user);
-        let shard = self.map.shard_of_user(claims.user);
-        if self
-            .read(shard, &revoked_key(claims.user, claims.session))
-            .await?
-            .is_some()
-        {
-            return Err(Refusal::new(
-                ErrorCode::TokenRevoked,
-                "the session was logged out; log in again",
-            ));
-        }
         Ok(claims)
     }
 
@@ -540,17 +582,13 @@ impl Chat {
                     // Read-your-writes: the sender's copy is in place before
                     // the answer. If this fails the outbox pump delivers it.
                     let owner = copy.owner;
+                    // A retry with the same client_msg_id delivers it then.
                     match self
                         .propose(self.map.shard_of_user(owner), &Command::Deliver(copy))
-                        .await
+                        .await?
                     {
-                        Ok(Reply::Delivered { version }) => {
-                            self.events.inbox_advanced(owner, version)
-                        }
-                        Ok(other) => tracing::warn!(?other, "sender's copy refused"),
-                        Err(e) => {
-                            tracing::warn!(error = %e.message, "sender's copy left to the outbox")
-                        }
+                        Reply::Delivered { version } => self.events.inbox_advanced(owner, version),
+                        other => return Err(unexpected(other)),
                     }
                 }
                 Ok(response::Body::Send(wire::SendResponse {
@@ -569,29 +607,43 @@ impl Chat {
             0 => self.limits.default_sync_limit,
             n => n.min(self.limits.max_sync_limit),
         } as usize;
-        let shard = self.map.shard_of_user(user);
-        let (from, to) = inbox_range(user, sync.since);
-        let rows = self
-            .host
-            .scan(group_of(shard), &from, &to, limit + 1)
-            .await?;
+        let group = group_of(self.map.shard_of_user(user));
         let budget = (self.limits.max_frame_bytes as usize).saturating_sub(64);
         let mut used = 0usize;
-        let mut entries = Vec::with_capacity(rows.len().min(limit));
-        for (_, value) in rows.iter().take(limit) {
-            let entry = decode_entry(value)
-                .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-            let cost = entry.body.len() + entry.content_type.len() + ENTRY_OVERHEAD;
-            if !entries.is_empty() && used + cost > budget {
+        let mut entries: Vec<wire::InboxEntry> = Vec::with_capacity(limit.min(SYNC_CHUNK));
+        // Read in chunks, so memory (and a forwarded answer) stays small
+        // whatever the page size; entries never change once written, so
+        // chunks read one after another still form one gap-free page.
+        let mut since = sync.since;
+        let mut at_end = false;
+        'page: while entries.len() < limit {
+            let (from, to) = inbox_range(user, since);
+            let want = (limit - entries.len()).min(SYNC_CHUNK);
+            // One more than wanted tells whether the inbox goes on.
+            let rows = self.host.scan(group, &from, &to, want + 1).await?;
+            if rows.len() <= want {
+                at_end = true;
+            }
+            for (_, value) in rows.iter().take(want) {
+                let entry = decode_entry(value)
+                    .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+                let cost = entry.body.len() + entry.content_type.len() + ENTRY_OVERHEAD;
+                if !entries.is_empty() && used + cost > budget {
+                    at_end = false;
+                    break 'page;
+                }
+                used += cost;
+                since = entry.version;
+                entries.push(to_wire(entry));
+            }
+            if at_end {
                 break;
             }
-            used += cost;
-            entries.push(to_wire(entry));
         }
         let last = entries.last().map(|e| e.version);
         let latest_version = match last {
             // The page reached the end of the inbox: its last entry is the latest.
-            Some(last) if rows.len() == entries.len() => last,
+            Some(last) if at_end => last,
             _ => self.latest_version(user).await?,
         };
         let more = last.unwrap_or(sync.since) < latest_version;

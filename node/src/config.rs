@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_BASE_PORT: u16 = 7100;
 /// Default number of shards of a new cluster.
 pub const DEFAULT_SHARDS: u32 = 16;
+/// The largest Raft command a node accepts (`HostConfig::max_command_bytes`).
+pub const MAX_COMMAND_BYTES: u64 = 1024 * 1024;
 /// Default number of nodes of a new cluster.
 pub const DEFAULT_NODES: u64 = 3;
 
@@ -126,6 +128,9 @@ pub struct Limits {
     pub min_password_chars: usize,
     /// Longest password, in bytes.
     pub max_password_bytes: usize,
+    /// How long a request may take before it is answered TIMEOUT (also the
+    /// longest wait for a request frame).
+    pub request_deadline: Duration,
 }
 
 impl Default for Limits {
@@ -139,6 +144,7 @@ impl Default for Limits {
             token_lifetime: Duration::from_secs(24 * 3600),
             min_password_chars: 8,
             max_password_bytes: 1024,
+            request_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -270,8 +276,14 @@ impl Settings {
                 Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
                 _ => PathBuf::from("."),
             });
+        let write_timeout = millis(
+            flags.write_timeout_ms,
+            file.write_timeout_ms,
+            Duration::from_secs(10),
+        );
         let defaults = Limits::default();
         let limits = Limits {
+            request_deadline: write_timeout,
             max_frame_bytes: flags
                 .max_frame_bytes
                 .or(file.max_frame_bytes)
@@ -299,6 +311,14 @@ impl Settings {
                 limits.max_body_bytes, limits.max_frame_bytes
             )));
         }
+        // A send's command carries the body plus its envelope and must fit
+        // the host's command limit (1 MiB).
+        if u64::from(limits.max_body_bytes) + 4096 > MAX_COMMAND_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "max body ({}) must be at least 4096 bytes below {MAX_COMMAND_BYTES}, the largest Raft command",
+                limits.max_body_bytes
+            )));
+        }
         if limits.max_requests_in_flight == 0 || limits.token_lifetime.is_zero() {
             return Err(ConfigError::Invalid(
                 "requests in flight and token lifetime must be above 0".into(),
@@ -315,11 +335,7 @@ impl Settings {
             peers,
             shards,
             timing,
-            write_timeout: millis(
-                flags.write_timeout_ms,
-                file.write_timeout_ms,
-                Duration::from_secs(10),
-            ),
+            write_timeout,
         })
     }
 }

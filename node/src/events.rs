@@ -26,6 +26,8 @@ use crate::sessions::Sessions;
 const PEER_QUEUE: usize = 16_384;
 /// Most events in one RPC.
 const BATCH: usize = 1024;
+/// Tries to deliver a batch that ends sessions (200 ms, 400 ms, … apart).
+const ENDED_ATTEMPTS: u32 = 5;
 /// How long one RPC may take before its batch is dropped.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -34,10 +36,17 @@ enum Event {
     Ended(UserId, u64, Reason),
 }
 
+/// The queues of one peer: inbox events may be dropped when the peer falls
+/// behind; session ends (kicks) are never dropped and are retried.
+struct PeerQueues {
+    advanced: mpsc::Sender<Event>,
+    ended: mpsc::UnboundedSender<Event>,
+}
+
 /// Tells this node's and every peer's sessions about commits and revocations.
 pub struct Events {
     sessions: Arc<Sessions>,
-    peers: Vec<mpsc::Sender<Event>>,
+    peers: Vec<PeerQueues>,
 }
 
 impl Events {
@@ -52,9 +61,14 @@ impl Events {
                     .ok()?
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true);
-                let (tx, rx) = mpsc::channel(PEER_QUEUE);
-                tokio::spawn(forward(SessionPeerClient::new(endpoint.connect_lazy()), rx));
-                Some(tx)
+                let (advanced, advanced_rx) = mpsc::channel(PEER_QUEUE);
+                let (ended, ended_rx) = mpsc::unbounded_channel();
+                tokio::spawn(forward(
+                    SessionPeerClient::new(endpoint.connect_lazy()),
+                    advanced_rx,
+                    ended_rx,
+                ));
+                Some(PeerQueues { advanced, ended })
             })
             .collect();
         Self { sessions, peers }
@@ -64,7 +78,7 @@ impl Events {
     pub fn inbox_advanced(&self, user: UserId, version: u64) {
         self.sessions.inbox_advanced(user, version);
         for peer in &self.peers {
-            let _ = peer.try_send(Event::Advanced(user, version));
+            let _ = peer.advanced.try_send(Event::Advanced(user, version));
         }
     }
 
@@ -72,7 +86,7 @@ impl Events {
     pub fn session_ended(&self, user: UserId, session: u64, reason: Reason) {
         self.sessions.session_ended(user, session, reason);
         for peer in &self.peers {
-            let _ = peer.try_send(Event::Ended(user, session, reason));
+            let _ = peer.ended.send(Event::Ended(user, session, reason));
         }
     }
 
@@ -83,8 +97,18 @@ impl Events {
 }
 
 /// Sends the events queued for one peer, in batches, until the node stops.
-async fn forward(mut client: SessionPeerClient<Channel>, mut queue: mpsc::Receiver<Event>) {
-    while let Some(first) = queue.recv().await {
+async fn forward(
+    mut client: SessionPeerClient<Channel>,
+    mut advanced_queue: mpsc::Receiver<Event>,
+    mut ended_queue: mpsc::UnboundedReceiver<Event>,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            event = ended_queue.recv() => event,
+            event = advanced_queue.recv() => event,
+        };
+        let Some(first) = first else { return };
         let mut advanced: BTreeMap<UserId, u64> = BTreeMap::new();
         let mut ended = Vec::new();
         let mut add = |event: Event| match event {
@@ -99,15 +123,16 @@ async fn forward(mut client: SessionPeerClient<Channel>, mut queue: mpsc::Receiv
             }),
         };
         add(first);
-        let mut taken = 1;
-        while taken < BATCH {
-            match queue.try_recv() {
+        while let Ok(event) = ended_queue.try_recv() {
+            add(event);
+        }
+        for _ in 1..BATCH {
+            match advanced_queue.try_recv() {
                 Ok(event) => add(event),
                 Err(_) => break,
             }
-            taken += 1;
         }
-        let batch = SessionEvents {
+        let mut batch = SessionEvents {
             advanced: advanced
                 .into_iter()
                 .map(|(user_id, latest_version)| InboxAdvanced {
@@ -117,10 +142,22 @@ async fn forward(mut client: SessionPeerClient<Channel>, mut queue: mpsc::Receiv
                 .collect(),
             ended,
         };
-        let mut request = tonic::Request::new(batch);
-        request.set_timeout(RPC_TIMEOUT);
-        if let Err(status) = client.events(request).await {
-            tracing::debug!(error = %status, "peer missed session events");
+        // Inbox events are hints and go once; session ends are retried while
+        // the peer is briefly unreachable (one that is down has no sessions).
+        for attempt in 0..ENDED_ATTEMPTS {
+            let mut request = tonic::Request::new(batch.clone());
+            request.set_timeout(RPC_TIMEOUT);
+            match client.events(request).await {
+                Ok(_) => break,
+                Err(status) => {
+                    tracing::debug!(error = %status, attempt, "peer missed session events");
+                    if batch.ended.is_empty() {
+                        break;
+                    }
+                    batch.advanced.clear();
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+            }
         }
     }
 }

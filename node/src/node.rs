@@ -68,6 +68,7 @@ impl Node {
             HostConfig::new(settings.node_id, &settings.data_dir, settings.peer_listen);
         host_config.timing = settings.timing.clone();
         host_config.write_timeout = settings.write_timeout;
+        host_config.max_command_bytes = crate::config::MAX_COMMAND_BYTES as usize;
         host_config.services = Some(tonic::service::Routes::new(Events::service(
             sessions.clone(),
         )));

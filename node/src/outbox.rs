@@ -86,35 +86,12 @@ async fn pump(
         }
     }
     let mut done = Vec::new();
+    let mut failed = None;
     for (target, deliveries) in by_target {
-        let first = deliveries.iter().map(|d| d.item).min().unwrap_or(0);
-        let last = deliveries.iter().map(|d| d.item).max().unwrap_or(0);
-        let (from, to) = received_range(shard, first, last);
-        let span = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
-        // A truncated answer only makes some items look undelivered; their
-        // repeat delivery is recognised by the target.
-        let received: HashSet<u64> = host
-            .scan(group_of(target), &from, &to, span.min(10 * BATCH))
-            .await
-            .map_err(|e| e.to_string())?
-            .iter()
-            .filter_map(|(key, _)| received_item(key))
-            .collect();
-        for delivery in deliveries {
-            let item = delivery.item;
-            if !received.contains(&item) {
-                let owner = delivery.owner;
-                let reply = host
-                    .propose(group_of(target), Command::Deliver(delivery).encode())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match Reply::decode(&reply) {
-                    Ok(Reply::Delivered { version }) => events.inbox_advanced(owner, version),
-                    other => return Err(format!("delivery of item {item} refused: {other:?}")),
-                }
-                tracing::info!(shard, target, item, "outbox item delivered by the pump");
-            }
-            done.push(item);
+        // One unavailable target does not hold up the others, nor the
+        // forgetting of what was delivered.
+        if let Err(e) = deliver_to(host, events, shard, target, deliveries, &mut done).await {
+            failed = Some(e);
         }
     }
     if !done.is_empty() {
@@ -124,6 +101,48 @@ async fn pump(
         )
         .await
         .map_err(|e| e.to_string())?;
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Delivers `deliveries` of `shard`'s outbox to `target` unless already
+/// there; adds every item now known delivered to `done`.
+async fn deliver_to(
+    host: &GroupHost,
+    events: &Events,
+    shard: ShardId,
+    target: ShardId,
+    deliveries: Vec<Delivery>,
+    done: &mut Vec<u64>,
+) -> Result<(), String> {
+    let first = deliveries.iter().map(|d| d.item).min().unwrap_or(0);
+    let last = deliveries.iter().map(|d| d.item).max().unwrap_or(0);
+    let (from, to) = received_range(shard, first, last);
+    let span = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
+    // A truncated answer only makes some items look undelivered; their
+    // repeat delivery is recognised by the target.
+    let received: HashSet<u64> = host
+        .scan(group_of(target), &from, &to, span.min(10 * BATCH))
+        .await
+        .map_err(|e| e.to_string())?
+        .iter()
+        .filter_map(|(key, _)| received_item(key))
+        .collect();
+    for delivery in deliveries {
+        let item = delivery.item;
+        if !received.contains(&item) {
+            let owner = delivery.owner;
+            let reply = host
+                .propose(group_of(target), Command::Deliver(delivery).encode())
+                .await
+                .map_err(|e| e.to_string())?;
+            match Reply::decode(&reply) {
+                Ok(Reply::Delivered { version }) => events.inbox_advanced(owner, version),
+                other => return Err(format!("delivery of item {item} refused: {other:?}")),
+            }
+            tracing::info!(shard, target, item, "outbox item delivered by the pump");
+        }
+        done.push(item);
     }
     Ok(())
 }

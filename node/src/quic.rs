@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fishchat_proto::client::{
-    kick::Reason, push, ErrorCode, Kick, Notify, Push, Request, Response,
+    kick::Reason, push, request, response, ErrorCode, Kick, Notify, Push, Request, Response,
 };
 use fishchat_proto::frame::{self, FrameError};
 use quinn::crypto::rustls::QuicServerConfig;
@@ -24,9 +24,11 @@ const PUSH_QUEUE: usize = 64;
 /// A connection with no traffic for this long is closed (protocol default;
 /// clients keep alive at a third of it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a kicked connection stays open so its last answers and the Kick
-/// frame reach the client.
-const KICK_GRACE: Duration = Duration::from_millis(250);
+/// How long a kicked connection stays open at most so its last answers and
+/// the Kick frame reach the client.
+const KICK_GRACE: Duration = Duration::from_secs(2);
+/// Longest wait to write one push frame before the connection is closed.
+const PUSH_WRITE: Duration = Duration::from_secs(10);
 
 /// The running client endpoint.
 pub struct ClientEndpoint {
@@ -100,12 +102,17 @@ struct Conn {
     state: Mutex<ConnState>,
     /// The bound session's expiry, read by the push writer.
     expires_ms: AtomicU64,
+    /// Logins on one connection run one at a time, so two logins as
+    /// different users cannot both succeed and race to bind.
+    logins: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
 struct ConnState {
     bound: Option<Binding>,
     push: Option<mpsc::Sender<PushEvent>>,
+    /// The connection ended: nothing may bind it any more.
+    closed: bool,
 }
 
 impl Conn {
@@ -116,6 +123,7 @@ impl Conn {
             sessions,
             state: Mutex::new(ConnState::default()),
             expires_ms: AtomicU64::new(u64::MAX),
+            logins: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -131,9 +139,7 @@ impl Conn {
     /// opens the push stream, whose first frame announces `latest`.
     fn bind(self: &Arc<Self>, binding: Binding, latest: u64) {
         let mut state = self.lock();
-        if state.bound.is_some_and(|b| b.user != binding.user) {
-            // A concurrent Login as another user won the race; this one's
-            // token stays valid, but the connection keeps its first user.
+        if state.closed || state.bound.is_some_and(|b| b.user != binding.user) {
             return;
         }
         state.bound = Some(binding);
@@ -165,7 +171,14 @@ async fn serve(conn: Arc<Conn>, chat: Arc<Chat>) {
             }
         }
     }
-    if let Some(bound) = conn.bound() {
+    let bound = {
+        let mut state = conn.lock();
+        state.closed = true;
+        // Dropping the sender ends the push writer.
+        state.push = None;
+        state.bound
+    };
+    if let Some(bound) = bound {
         conn.sessions.unbind(bound.user, conn.id);
     }
 }
@@ -178,54 +191,72 @@ async fn answer(
     mut recv: quinn::RecvStream,
 ) {
     let max = chat.limits().max_frame_bytes;
-    let refused = |code: ErrorCode, message: String| Response {
-        request_id: 0,
-        body: Some(fishchat_proto::client::response::Body::Error(
-            Refusal::new(code, message).into_error(),
-        )),
-    };
-    let response = match frame::read::<Request, _>(&mut recv, max).await {
-        Ok(Some(request)) => {
+    let deadline = chat.limits().request_deadline;
+    let read = tokio::time::timeout(deadline, frame::read::<Request, _>(&mut recv, max)).await;
+    let (response, failure) = match read {
+        Ok(Ok(Some(request))) => {
             // One request per stream: anything after the frame is discarded.
             let _ = recv.stop(0u32.into());
+            let login = matches!(request.body, Some(request::Body::Login(_)));
+            let _one_login = if login {
+                Some(conn.logins.lock().await)
+            } else {
+                None
+            };
             let (response, effects) = chat.handle(request, conn.bound()).await;
             if let Some((binding, latest)) = effects.bind {
                 conn.bind(binding, latest);
             }
-            response
+            (response, None)
         }
-        Ok(None) => refused(
+        Ok(Ok(None)) => failure(
             ErrorCode::MalformedFrame,
-            "the stream ended before a request frame".into(),
+            "the stream ended before a request frame".to_string(),
         ),
-        Err(FrameError::TooLarge { len, max }) => {
+        Ok(Err(FrameError::TooLarge { len, max })) => {
             // Not read: the client may stop sending.
             let _ = recv.stop(0u32.into());
-            refused(
+            failure(
                 ErrorCode::FrameTooLarge,
                 format!("a frame of {len} bytes exceeds the limit of {max} bytes"),
             )
         }
-        Err(FrameError::Malformed(e)) => refused(
+        Ok(Err(FrameError::Malformed(e))) => failure(
             ErrorCode::MalformedFrame,
             format!("the frame is not a Request: {e}"),
         ),
-        Err(FrameError::Io(e)) => refused(
+        Ok(Err(FrameError::Io(e))) => failure(
             ErrorCode::MalformedFrame,
             format!("the stream ended inside a frame: {e}"),
         ),
-    };
-    if let Some(fishchat_proto::client::response::Body::Error(e)) = &response.body {
-        if response.request_id == 0 {
-            let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
-            chat.stats().record("frame", code.as_str_name());
+        Err(_) => {
+            let _ = recv.stop(0u32.into());
+            failure(
+                ErrorCode::MalformedFrame,
+                format!("no complete request frame within {deadline:?}"),
+            )
         }
+    };
+    if let Some(code) = failure {
+        chat.stats().record("frame", code.as_str_name());
     }
     if let Err(e) = frame::write(&mut send, &response).await {
         tracing::debug!(conn = conn.id, error = %e, "answer not delivered");
         return;
     }
     let _ = send.finish();
+}
+
+/// The answer to a stream whose request frame could not be read, and its
+/// code for the metrics.
+fn failure(code: ErrorCode, message: String) -> (Response, Option<ErrorCode>) {
+    let response = Response {
+        request_id: 0,
+        body: Some(response::Body::Error(
+            Refusal::new(code, message).into_error(),
+        )),
+    };
+    (response, Some(code))
 }
 
 /// Writes the connection's pushes until its session ends or it closes.
@@ -244,6 +275,7 @@ async fn write_pushes(conn: Arc<Conn>, mut events: mpsc::Receiver<PushEvent>, la
         let wait = Duration::from_millis(expires.saturating_sub(now_ms()));
         let event = tokio::select! {
             event = events.recv() => event,
+            _ = conn.connection.closed() => return,
             _ = tokio::time::sleep(wait) => {
                 if conn.expires_ms.load(Ordering::Relaxed) > now_ms() {
                     continue; // a new Login extended the session
@@ -257,7 +289,13 @@ async fn write_pushes(conn: Arc<Conn>, mut events: mpsc::Receiver<PushEvent>, la
         match event {
             None => return,
             Some(PushEvent::Notify(latest)) => {
-                if frame::write(&mut stream, &notify(latest)).await.is_err() {
+                // A client that does not read its pushes is cut off, so a
+                // Kick behind the Notify is never stuck.
+                let frame_out = notify(latest);
+                let write = tokio::time::timeout(PUSH_WRITE, frame::write(&mut stream, &frame_out));
+                if !matches!(write.await, Ok(Ok(()))) {
+                    conn.connection
+                        .close(0u32.into(), b"the push stream is not read");
                     return;
                 }
             }
@@ -268,9 +306,11 @@ async fn write_pushes(conn: Arc<Conn>, mut events: mpsc::Receiver<PushEvent>, la
                         message: message.clone(),
                     })),
                 };
-                let _ = frame::write(&mut stream, &kick).await;
+                let _ = tokio::time::timeout(PUSH_WRITE, frame::write(&mut stream, &kick)).await;
                 let _ = stream.finish();
-                tokio::time::sleep(KICK_GRACE).await;
+                // Until the client has the Kick (and the answers in flight),
+                // within a bound.
+                let _ = tokio::time::timeout(KICK_GRACE, stream.stopped()).await;
                 conn.connection
                     .close((reason as u32).into(), message.as_bytes());
                 return;

@@ -56,6 +56,10 @@ pub enum Command {
         device: String,
         /// When the new session's token expires, ms since the Unix epoch.
         expires_ms: u64,
+        /// The session this login refreshes (the one the connection is
+        /// bound to), which stays valid; 0 for none.
+        #[serde(default)]
+        refreshes: u64,
     },
     /// Revokes a session (logout); proposed to the user's shard. Idempotent.
     Revoke {

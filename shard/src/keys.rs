@@ -51,6 +51,9 @@ pub(crate) struct SendReceipt {
 pub(crate) struct DeviceSession {
     pub(crate) session: u64,
     pub(crate) expires_ms: u64,
+    /// The session this one replaced, to answer a retried login alike.
+    #[serde(default)]
+    pub(crate) replaced: Option<u64>,
 }
 
 /// Key of the account named `username` (in any letter case).

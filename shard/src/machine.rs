@@ -160,6 +160,7 @@ impl ChatMachine {
         Ok(Some(delivery))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn open_session(
         &self,
         state: &mut dyn StateTxn,
@@ -167,6 +168,7 @@ impl ChatMachine {
         session: u64,
         device: String,
         expires_ms: u64,
+        refreshes: u64,
     ) -> Result<Reply, ApplyError> {
         if self.map.shard_of_user(user) != self.shard {
             return Ok(self.wrong_shard(format!("user {user}")));
@@ -176,18 +178,25 @@ impl ChatMachine {
         if let Some(bytes) = state.get(&key)? {
             let earlier: DeviceSession = keys::decode(&bytes).map_err(corrupt)?;
             if earlier.session == session {
-                // A retry of this very login.
-                return Ok(Reply::SessionOpened { replaced: None });
+                // A retry of this very login: the same answer again.
+                return Ok(Reply::SessionOpened {
+                    replaced: earlier.replaced,
+                });
             }
-            state.put(
-                &keys::revoked_key(user, earlier.session),
-                &earlier.expires_ms.to_be_bytes(),
-            );
-            replaced = Some(earlier.session);
+            // A refresh on the connection bound to the device's session
+            // keeps that session (and its token) valid.
+            if earlier.session != refreshes {
+                state.put(
+                    &keys::revoked_key(user, earlier.session),
+                    &earlier.expires_ms.to_be_bytes(),
+                );
+                replaced = Some(earlier.session);
+            }
         }
         let current = DeviceSession {
             session,
             expires_ms,
+            replaced,
         };
         state.put(&key, &keys::encode(&current));
         Ok(Reply::SessionOpened { replaced })
@@ -255,7 +264,8 @@ impl StateMachine for ChatMachine {
                 session,
                 device,
                 expires_ms,
-            } => self.open_session(state, user, session, device, expires_ms)?,
+                refreshes,
+            } => self.open_session(state, user, session, device, expires_ms, refreshes)?,
             Command::Revoke {
                 user,
                 session,

@@ -297,6 +297,7 @@ fn a_named_device_logging_in_again_revokes_its_earlier_session() {
         session,
         device: device.into(),
         expires_ms: 5_000,
+        refreshes: 0,
     };
     assert_eq!(
         shard.apply(&open(11, "laptop")),
@@ -319,6 +320,25 @@ fn a_named_device_logging_in_again_revokes_its_earlier_session() {
     );
     assert!(shard.state.0.contains_key(&revoked_key(alice, 11)));
     assert!(!shard.state.0.contains_key(&revoked_key(alice, 12)));
+    assert_eq!(
+        shard.apply(&open(13, "laptop")),
+        Reply::SessionOpened { replaced: Some(11) },
+        "a retried login gets the first answer, so its kick is not lost"
+    );
+
+    // A token refresh on the connection bound to session 13 keeps it valid.
+    let refresh = Command::OpenSession {
+        user: alice,
+        session: 14,
+        device: "laptop".into(),
+        expires_ms: 9_000,
+        refreshes: 13,
+    };
+    assert_eq!(
+        shard.apply(&refresh),
+        Reply::SessionOpened { replaced: None }
+    );
+    assert!(!shard.state.0.contains_key(&revoked_key(alice, 13)));
 
     let revoke = Command::Revoke {
         user: alice,
