@@ -21,6 +21,13 @@ use serde_json::Value;
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// Held for a whole test: its cluster is the only one running.
+fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
 const SHARDS: u32 = 8;
 const READY: Duration = Duration::from_secs(60);
 const PASSWORD: &str = "correct horse";
@@ -138,9 +145,7 @@ fn fishchat_shard_of(_cluster: &Cluster, name: &str) -> anyhow::Result<u64> {
 
 #[test]
 fn five_hundred_messages_arrive_in_order_and_the_sender_sees_its_copies() -> anyhow::Result<()> {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let _one = one_cluster_at_a_time();
     let cluster = started(&[])?;
     let alice = register(&cluster, 1, "alice")?;
     let (bob_name, bob) = register_in_another_shard(&cluster, alice, &["bob", "bobby", "robert"])?;
@@ -209,9 +214,7 @@ fn five_hundred_messages_arrive_in_order_and_the_sender_sees_its_copies() -> any
 
 #[test]
 fn watch_prints_a_message_sent_through_another_node_when_notified() -> anyhow::Result<()> {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let _one = one_cluster_at_a_time();
     let cluster = started(&[])?;
     register(&cluster, 1, "alice")?;
     let bob = register(&cluster, 1, "bob")?;
@@ -345,9 +348,7 @@ fn same_digests_everywhere(cluster: &Cluster) -> anyhow::Result<Option<()>> {
 
 #[test]
 fn a_killed_node_does_not_stop_chat_and_catches_up_when_restarted() -> anyhow::Result<()> {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let _one = one_cluster_at_a_time();
     let mut cluster = started(&[])?;
     let rt = runtime()?;
     let (alice, bob, bob_id) = rt.block_on(async {
@@ -392,9 +393,7 @@ fn a_killed_node_does_not_stop_chat_and_catches_up_when_restarted() -> anyhow::R
 
 #[test]
 fn every_acknowledged_message_survives_killing_all_nodes() -> anyhow::Result<()> {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let _one = one_cluster_at_a_time();
     let mut cluster = started(&[])?;
     let rt = runtime()?;
     let (bob_id, acked) = rt.block_on(async {
@@ -432,9 +431,7 @@ fn every_acknowledged_message_survives_killing_all_nodes() -> anyhow::Result<()>
 
 #[test]
 fn a_retried_send_returns_the_first_result_and_stores_one_entry() -> anyhow::Result<()> {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let _one = one_cluster_at_a_time();
     let cluster = started(&[])?;
     let rt = runtime()?;
     rt.block_on(async {
@@ -521,14 +518,24 @@ fn send_body(to: u64, id: &str, body: Vec<u8>) -> request::Body {
     })
 }
 
+/// Logs `user` in on `conn` without a device name; returns token and id.
 async fn login_on(conn: &Connection, user: &str, password: &str) -> anyhow::Result<(String, u64)> {
+    login_with(conn, user, password, "").await
+}
+
+async fn login_with(
+    conn: &Connection,
+    user: &str,
+    password: &str,
+    device: &str,
+) -> anyhow::Result<(String, u64)> {
     let answer = ask(
         conn,
         "",
         request::Body::Login(LoginRequest {
             username: user.into(),
             password: password.into(),
-            device: String::new(),
+            device: device.into(),
         }),
     )
     .await?;
@@ -541,9 +548,7 @@ async fn login_on(conn: &Connection, user: &str, password: &str) -> anyhow::Resu
 #[test]
 fn bad_input_gets_its_typed_error_changes_nothing_and_the_connection_goes_on() -> anyhow::Result<()>
 {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let _one = one_cluster_at_a_time();
     // Tokens live four seconds here, so one can be seen to expire.
     let cluster = started(&["--token-lifetime-secs", "4"])?;
     let rt = runtime()?;
@@ -746,21 +751,9 @@ fn bad_input_gets_its_typed_error_changes_nothing_and_the_connection_goes_on() -
     })
 }
 
+/// Logs `user` in on `conn` as the named `device`; returns the token.
 async fn login_device(conn: &Connection, user: &str, device: &str) -> anyhow::Result<String> {
-    let answer = ask(
-        conn,
-        "",
-        request::Body::Login(LoginRequest {
-            username: user.into(),
-            password: PASSWORD.into(),
-            device: device.into(),
-        }),
-    )
-    .await?;
-    match answer {
-        response::Body::Login(login) => Ok(login.token),
-        other => bail!("login as {user} on {device} failed: {other:?}"),
-    }
+    Ok(login_with(conn, user, PASSWORD, device).await?.0)
 }
 
 /// The next push frame, within ten seconds.
@@ -776,9 +769,7 @@ async fn next_push(stream: &mut PushStream) -> anyhow::Result<push::Body> {
 #[test]
 fn a_device_login_replaces_its_earlier_session_on_any_node_and_logout_kicks() -> anyhow::Result<()>
 {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let _one = one_cluster_at_a_time();
     let cluster = started(&[])?;
     let rt = runtime()?;
     rt.block_on(async {
