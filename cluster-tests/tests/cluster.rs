@@ -58,6 +58,18 @@ fn three_nodes_form_every_shard_fail_over_a_killed_node_and_take_it_back() -> an
         "leaders spread over the nodes: {agreed:?}"
     );
 
+    // The meta group settled one cluster id, the same on every node.
+    let ids = cluster.eventually("every node knows the cluster id", PATIENCE, |c| {
+        let ids: Vec<Value> = (1..=3)
+            .map(|id| c.status(id).map(|s| s["cluster_id"].clone()))
+            .collect::<Result<_, _>>()?;
+        Ok(ids.iter().all(|id| id.is_string()).then_some(ids))
+    })?;
+    assert!(
+        ids.iter().all(|id| *id == ids[0]),
+        "one cluster id: {ids:?}"
+    );
+
     // SIGKILL node 1: the other two elect leaders among themselves.
     cluster.kill(1)?;
     cluster.eventually("survivors lead every shard", PATIENCE, |c| {

@@ -2,7 +2,7 @@
 //! (Prometheus text).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::chat::Chat;
 use crate::config::Settings;
+use crate::meta::{ClusterRecord, META_GROUP};
 use crate::node::group_of;
 use crate::sessions::Sessions;
 
@@ -33,6 +34,7 @@ pub struct AdminState {
     map: ShardMap,
     chat: Arc<Chat>,
     sessions: Arc<Sessions>,
+    cluster: Arc<OnceLock<ClusterRecord>>,
 }
 
 impl AdminState {
@@ -44,6 +46,7 @@ impl AdminState {
         map: ShardMap,
         chat: Arc<Chat>,
         sessions: Arc<Sessions>,
+        cluster: Arc<OnceLock<ClusterRecord>>,
     ) -> Self {
         Self {
             settings: Arc::new(settings),
@@ -51,6 +54,7 @@ impl AdminState {
             map,
             chat,
             sessions,
+            cluster,
         }
     }
 }
@@ -81,6 +85,10 @@ pub struct NodeStatus {
     pub peers: BTreeMap<u64, String>,
     /// This node's client (QUIC) address.
     pub client_addr: String,
+    /// The cluster's id from the meta group (null until it is known).
+    pub cluster_id: Option<String>,
+    /// The meta group's leader, if known.
+    pub meta_leader: Option<u64>,
     /// One entry per shard.
     pub shards: Vec<ShardStatus>,
     /// WAL syncs since start.
@@ -150,6 +158,8 @@ fn collect(state: &AdminState) -> NodeStatus {
         node: state.settings.node_id,
         peers: state.settings.peers.clone(),
         client_addr: state.settings.client_listen.to_string(),
+        cluster_id: state.cluster.get().map(|c| c.cluster_id.clone()),
+        meta_leader: state.host.status(META_GROUP).and_then(|s| s.leader),
         shards,
         wal_syncs: stats.wal_syncs.load(std::sync::atomic::Ordering::Relaxed),
         writes_per_sync: stats.writes_per_sync(),

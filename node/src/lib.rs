@@ -7,7 +7,8 @@
 //! (`proto/client.proto`).
 //!
 //! It owns configuration ([`config`]), the cluster's keys ([`tls`], [`token`]),
-//! forming or reopening the cluster on start ([`node`]), the client endpoint
+//! forming or reopening the cluster on start ([`node`], with the meta group
+//! in [`meta`]), the client endpoint
 //! ([`quic`]) and the operations it serves ([`chat`]), the session table and
 //! its cluster-wide events ([`sessions`], [`events`]), the outbox pump
 //! ([`outbox`]) and the admin API ([`admin`]). It promises that a node
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod chat;
 pub mod config;
 pub mod events;
+pub mod meta;
 pub mod node;
 pub mod outbox;
 pub mod quic;

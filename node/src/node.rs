@@ -18,6 +18,7 @@ use crate::admin;
 use crate::chat::Chat;
 use crate::config::Settings;
 use crate::events::Events;
+use crate::meta::{self, ClusterRecord, MetaMachine, META_GROUP};
 use crate::quic::ClientEndpoint;
 use crate::sessions::Sessions;
 use crate::token::TokenKey;
@@ -53,6 +54,7 @@ pub struct Node {
     clients: Option<ClientEndpoint>,
     pump_stop: tokio::sync::watch::Sender<bool>,
     pump_task: Option<JoinHandle<()>>,
+    settle_task: JoinHandle<()>,
 }
 
 impl Node {
@@ -74,6 +76,7 @@ impl Node {
         )));
         let host = Arc::new(GroupHost::start(host_config).await?);
         let fresh = host.stored_groups()?.is_empty();
+        host.open_group(META_GROUP, MetaMachine).await?;
         for shard in 0..settings.shards {
             host.open_group(group_of(shard), ChatMachine::new(shard, map))
                 .await?;
@@ -103,6 +106,22 @@ impl Node {
             chat.clone(),
             sessions.clone(),
         )?;
+        let cluster = Arc::new(std::sync::OnceLock::new());
+        let settle_task = tokio::spawn({
+            let host = host.clone();
+            let cluster = cluster.clone();
+            let mine = ClusterRecord {
+                cluster_id: random_id()?,
+                shards: settings.shards,
+                nodes: settings.peers.clone(),
+                formed_ms: crate::chat::now_ms(),
+            };
+            async move {
+                if let Some(record) = meta::settle(host, mine).await {
+                    let _ = cluster.set(record);
+                }
+            }
+        });
         let (pump_stop, pump_stopped) = tokio::sync::watch::channel(false);
         let pump_task = tokio::spawn(outbox::run(host.clone(), map, events, pump_stopped));
 
@@ -110,8 +129,14 @@ impl Node {
         let listener = tokio::net::TcpListener::bind(settings.admin_listen)
             .await
             .with_context(|| format!("binding the admin port {}", settings.admin_listen))?;
-        let state =
-            admin::AdminState::new(settings.clone(), host.clone(), map, chat, sessions.clone());
+        let state = admin::AdminState::new(
+            settings.clone(),
+            host.clone(),
+            map,
+            chat,
+            sessions.clone(),
+            cluster,
+        );
         let admin_task = tokio::spawn(async move {
             if let Err(e) = admin::serve(listener, state, stopped).await {
                 tracing::error!(error = %e, "admin server failed");
@@ -136,6 +161,7 @@ impl Node {
             clients: Some(clients),
             pump_stop,
             pump_task: Some(pump_task),
+            settle_task,
         })
     }
 
@@ -167,6 +193,7 @@ impl Node {
         }
         // The pump may be waiting out a write timeout on a shard that lost its
         // quorum; every step of it is idempotent, so cutting it short is safe.
+        self.settle_task.abort();
         let _ = self.pump_stop.send(true);
         if let Some(task) = self.pump_task.take() {
             task.abort();
@@ -197,11 +224,29 @@ fn client_addrs(settings: &Settings) -> Vec<String> {
         .collect()
 }
 
-/// Initialises this node's share of the shards with every peer as a voter;
-/// a shard that has Raft state already is left alone.
+/// Sixteen random bytes as hex: a new cluster's id.
+fn random_id() -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Initialises this node's share of the groups with every peer as a voter:
+/// the meta group by the first node, the shards round-robin; a group that
+/// has Raft state already is left alone.
 async fn form_cluster(host: &GroupHost, settings: &Settings) -> anyhow::Result<()> {
     let nodes: Vec<u64> = settings.peers.keys().copied().collect();
     let members: BTreeMap<u64, String> = settings.peers.clone();
+    if nodes.first() == Some(&settings.node_id) {
+        match host.initialize_group(META_GROUP, &members).await {
+            Ok(()) => tracing::info!(group = META_GROUP, "formed the meta group"),
+            Err(HostError::AlreadyInitialized(_)) => {}
+            Err(e) => return Err(e).context("forming the meta group"),
+        }
+    }
     for shard in 0..settings.shards {
         if initializer(shard, &nodes) != settings.node_id {
             continue;
