@@ -116,6 +116,22 @@ async fn main() -> anyhow::Result<()> {
         pairs.push((sender, recipient, to_id));
     }
 
+    // Round trips of the cheaper operations, for comparison with a send.
+    if let Some((probe, _, _)) = pairs.first() {
+        let mut pings = Vec::new();
+        let mut syncs = Vec::new();
+        for n in 0..50 {
+            let at = Instant::now();
+            probe.ping(n).await?;
+            pings.push(at.elapsed());
+            let at = Instant::now();
+            probe.sync(0, 1).await?;
+            syncs.push(at.elapsed());
+        }
+        report("ping (no token, no shard)", pings);
+        report("sync (token check + inbox read)", syncs);
+    }
+
     let delivery = Arc::new(Mutex::new(Vec::new()));
     let mut listeners = Vec::new();
     for (_, recipient, _) in &pairs {
