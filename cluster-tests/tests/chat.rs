@@ -606,8 +606,21 @@ fn bad_input_gets_its_typed_error_changes_nothing_and_the_connection_goes_on() -
         )
         .await?;
 
-        // Logged out: refused on every node once Logout is answered.
+        // Logged out: refused on every node once Logout is answered, also
+        // on a node that accepted the token a moment before.
         let (token, _) = login_on(&other_connection(&cluster).await?, "alice", PASSWORD).await?;
+        let elsewhere =
+            Connection::connect(&config(&cluster, &[1])?, &cluster.client_addr(1)).await?;
+        let before = ask(
+            &elsewhere,
+            &token,
+            request::Body::Sync(SyncRequest { since: 0, limit: 0 }),
+        )
+        .await?;
+        ensure!(
+            matches!(before, response::Body::Sync(_)),
+            "valid before logout: {before:?}"
+        );
         let logout = ask(&conn, &token, request::Body::Logout(Default::default())).await?;
         ensure!(
             matches!(logout, response::Body::Logout(_)),
@@ -618,8 +631,6 @@ fn bad_input_gets_its_typed_error_changes_nothing_and_the_connection_goes_on() -
             matches!(again, response::Body::Logout(_)),
             "logging out a revoked token succeeds again: {again:?}"
         );
-        let elsewhere =
-            Connection::connect(&config(&cluster, &[1])?, &cluster.client_addr(1)).await?;
         expect_code(
             &elsewhere,
             &token,

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::config::Limits;
 use crate::events::Events;
 use crate::node::group_of;
+use crate::revocations::TRUST;
 use crate::token::{Claims, TokenKey};
 
 /// Longest accepted client message id, in bytes (fixed rule).
@@ -421,8 +422,8 @@ impl Chat {
             match self.propose(self.map.shard_of_user(user), &command).await? {
                 Reply::SessionOpened { replaced } => {
                     if let Some(replaced) = replaced {
-                        self.events
-                            .session_ended(user, replaced, Reason::SessionReplaced);
+                        self.end_session(user, replaced, Reason::SessionReplaced)
+                            .await;
                     }
                 }
                 other => return Err(unexpected(other)),
@@ -467,8 +468,8 @@ impl Chat {
             .await?
         {
             Reply::Revoked => {
-                self.events
-                    .session_ended(claims.user, claims.session, Reason::TokenRevoked);
+                self.end_session(claims.user, claims.session, Reason::TokenRevoked)
+                    .await;
                 tracing::info!(user = claims.user, session = claims.session, "logged out");
                 Ok(response::Body::Logout(wire::LogoutResponse {}))
             }
@@ -480,6 +481,11 @@ impl Chat {
     /// connection, not revoked (read at the user's shard).
     async fn authenticate(&self, token: &str, bound: Option<Binding>) -> Result<Claims, Refusal> {
         let claims = self.verify(token, bound)?;
+        let confirmations = self.events.sessions().confirmations();
+        if confirmations.is_confirmed(claims.user, claims.session) {
+            return Ok(claims);
+        }
+        let read_started = std::time::Instant::now();
         let shard = self.map.shard_of_user(claims.user);
         if self
             .read(shard, &revoked_key(claims.user, claims.session))
@@ -491,7 +497,21 @@ impl Chat {
                 "the session was logged out; log in again",
             ));
         }
+        confirmations.confirm(claims.user, claims.session, read_started);
         Ok(claims)
+    }
+
+    /// Ends a session that was just revoked, and returns once no node can
+    /// accept its token any more (see `revocations.rs`).
+    async fn end_session(&self, user: UserId, session: u64, reason: Reason) {
+        let committed = std::time::Instant::now();
+        if !self
+            .events
+            .session_ended(user, session, reason, TRUST)
+            .await
+        {
+            tokio::time::sleep(TRUST.saturating_sub(committed.elapsed())).await;
+        }
     }
 
     /// Checks a token's signature, expiry and fit to the connection (no

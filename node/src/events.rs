@@ -41,6 +41,7 @@ enum Event {
 struct PeerQueues {
     advanced: mpsc::Sender<Event>,
     ended: mpsc::UnboundedSender<Event>,
+    client: SessionPeerClient<Channel>,
 }
 
 /// Tells this node's and every peer's sessions about commits and revocations.
@@ -63,12 +64,13 @@ impl Events {
                     .tcp_nodelay(true);
                 let (advanced, advanced_rx) = mpsc::channel(PEER_QUEUE);
                 let (ended, ended_rx) = mpsc::unbounded_channel();
-                tokio::spawn(forward(
-                    SessionPeerClient::new(endpoint.connect_lazy()),
-                    advanced_rx,
-                    ended_rx,
-                ));
-                Some(PeerQueues { advanced, ended })
+                let client = SessionPeerClient::new(endpoint.connect_lazy());
+                tokio::spawn(forward(client.clone(), advanced_rx, ended_rx));
+                Some(PeerQueues {
+                    advanced,
+                    ended,
+                    client,
+                })
             })
             .collect();
         Self { sessions, peers }
@@ -82,12 +84,43 @@ impl Events {
         }
     }
 
-    /// `session` of `user` was revoked (durably).
-    pub fn session_ended(&self, user: UserId, session: u64, reason: Reason) {
+    /// This node's sessions.
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    /// `session` of `user` was revoked (durably): tells this node and every
+    /// peer, and returns whether every peer acknowledged within `within`.
+    /// A peer that did not gets the event again from its queue.
+    pub async fn session_ended(
+        &self,
+        user: UserId,
+        session: u64,
+        reason: Reason,
+        within: Duration,
+    ) -> bool {
         self.sessions.session_ended(user, session, reason);
-        for peer in &self.peers {
-            let _ = peer.ended.send(Event::Ended(user, session, reason));
+        let event = SessionEvents {
+            advanced: Vec::new(),
+            ended: vec![SessionEnded {
+                user_id: user,
+                session_id: session,
+                reason: reason as i32,
+            }],
+        };
+        let calls = self.peers.iter().map(|peer| {
+            let mut client = peer.client.clone();
+            let mut request = tonic::Request::new(event.clone());
+            request.set_timeout(within);
+            async move { client.events(request).await.is_ok() }
+        });
+        let acked = futures::future::join_all(calls).await;
+        for (peer, acked) in self.peers.iter().zip(&acked) {
+            if !acked {
+                let _ = peer.ended.send(Event::Ended(user, session, reason));
+            }
         }
+        acked.iter().all(|a| *a)
     }
 
     /// The gRPC service that receives peers' events.

@@ -24,6 +24,7 @@ pub mod meta;
 pub mod node;
 pub mod outbox;
 pub mod quic;
+pub mod revocations;
 pub mod sessions;
 pub mod tls;
 pub mod token;

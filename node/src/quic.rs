@@ -27,6 +27,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a kicked connection stays open at most so its last answers and
 /// the Kick frame reach the client.
 const KICK_GRACE: Duration = Duration::from_secs(2);
+/// How long a kicked connection stays open at least, for answers still
+/// being written (the Logout that caused the kick, say).
+const KICK_FLOOR: Duration = Duration::from_millis(250);
 /// Longest wait to write one push frame before the connection is closed.
 const PUSH_WRITE: Duration = Duration::from_secs(10);
 
@@ -308,9 +311,11 @@ async fn write_pushes(conn: Arc<Conn>, mut events: mpsc::Receiver<PushEvent>, la
                 };
                 let _ = tokio::time::timeout(PUSH_WRITE, frame::write(&mut stream, &kick)).await;
                 let _ = stream.finish();
-                // Until the client has the Kick (and the answers in flight),
-                // within a bound.
+                // Until the client has the Kick and the answers in flight
+                // (at least a moment, at most KICK_GRACE).
+                let floor = tokio::time::sleep(KICK_FLOOR);
                 let _ = tokio::time::timeout(KICK_GRACE, stream.stopped()).await;
+                floor.await;
                 conn.connection
                     .close((reason as u32).into(), message.as_bytes());
                 return;

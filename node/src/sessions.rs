@@ -12,6 +12,8 @@ use fishchat_proto::client::kick::Reason;
 use fishchat_shard::UserId;
 use tokio::sync::mpsc;
 
+use crate::revocations::Confirmations;
+
 /// What a connection's push writer is told to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PushEvent {
@@ -28,10 +30,12 @@ struct Binding {
     push: mpsc::Sender<PushEvent>,
 }
 
-/// Every bound connection of this node, by user.
+/// Every bound connection of this node, by user, and the sessions recently
+/// confirmed not revoked.
 #[derive(Default)]
 pub struct Sessions {
     by_user: Mutex<HashMap<UserId, Vec<Binding>>>,
+    confirmations: Confirmations,
 }
 
 impl Sessions {
@@ -68,8 +72,15 @@ impl Sessions {
         }
     }
 
-    /// Ends `session` of `user` on this node: its connections are kicked.
+    /// Sessions confirmed not revoked (see [`Confirmations`]).
+    pub fn confirmations(&self) -> &Confirmations {
+        &self.confirmations
+    }
+
+    /// Ends `session` of `user` on this node: its confirmation is forgotten
+    /// and its connections are kicked.
     pub fn session_ended(&self, user: UserId, session: u64, reason: Reason) {
+        self.confirmations.ended(user, session);
         let mut by_user = self.lock();
         if let Some(bindings) = by_user.get_mut(&user) {
             bindings.retain(|b| {
