@@ -55,5 +55,31 @@ pub use tls::{quic_client_config, ALPN};
 /// The wire types (`proto/client.proto`), re-exported for callers.
 pub use fishchat_proto::client as proto;
 
+/// A fresh client message id for [`Client::send`]: 16 bytes from the system
+/// random source, as 32 hex digits, unique among a sender's messages for all
+/// practical purposes.
+pub fn new_client_msg_id() -> Result<String, ClientError> {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| ClientError::Config("the system random source failed".into()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// The content type of UTF-8 text messages.
 pub const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_message_ids_are_32_hex_digits_and_differ() {
+        let a = new_client_msg_id().expect("id");
+        let b = new_client_msg_id().expect("id");
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

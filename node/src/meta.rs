@@ -99,22 +99,9 @@ pub async fn settle(host: Arc<GroupHost>, mine: ClusterRecord) -> Option<Cluster
 
 #[cfg(test)]
 mod tests {
+    use fishchat_raft::MemoryState;
+
     use super::*;
-
-    #[derive(Default)]
-    struct Memory(BTreeMap<Vec<u8>, Vec<u8>>);
-
-    impl StateTxn for Memory {
-        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ApplyError> {
-            Ok(self.0.get(key).cloned())
-        }
-        fn put(&mut self, key: &[u8], value: &[u8]) {
-            self.0.insert(key.to_vec(), value.to_vec());
-        }
-        fn delete(&mut self, key: &[u8]) {
-            self.0.remove(key);
-        }
-    }
 
     fn record(id: &str, shards: u32) -> ClusterRecord {
         ClusterRecord {
@@ -127,7 +114,7 @@ mod tests {
 
     #[test]
     fn the_first_record_wins_and_garbage_changes_nothing() {
-        let mut state = Memory::default();
+        let mut state = MemoryState::default();
         let mut machine = MetaMachine;
         assert_eq!(
             machine.apply(b"garbage", &mut state).expect("apply"),

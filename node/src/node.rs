@@ -111,7 +111,7 @@ impl Node {
             let host = host.clone();
             let cluster = cluster.clone();
             let mine = ClusterRecord {
-                cluster_id: random_id()?,
+                cluster_id: tls::random_hex(16)?,
                 shards: settings.shards,
                 nodes: settings.peers.clone(),
                 formed_ms: crate::chat::now_ms(),
@@ -222,16 +222,6 @@ fn client_addrs(settings: &Settings) -> Vec<String> {
             Some(format!("{host}:{}", port.checked_sub(10)?))
         })
         .collect()
-}
-
-/// Sixteen random bytes as hex: a new cluster's id.
-fn random_id() -> anyhow::Result<String> {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 16];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Initialises this node's share of the groups with every peer as a voter:

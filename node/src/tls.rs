@@ -78,11 +78,7 @@ pub fn init(dir: &Path) -> anyhow::Result<bool> {
     let issuer = Issuer::new(ca_params, ca_key);
     let node_cert = node_params.signed_by(&node_key, &issuer)?;
 
-    let mut secret = [0u8; 32];
-    SystemRandom::new()
-        .fill(&mut secret)
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
-    let secret_hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let secret_hex = random_hex(32)?;
 
     write_public(&dir.join(CA_CERT), &ca_cert.pem())?;
     write_private(&dir.join(CA_KEY), &ca_key_pem)?;
@@ -151,6 +147,15 @@ pub fn load(dir: &Path) -> anyhow::Result<ClusterKeys> {
         server_crypto: Arc::new(server),
         token_secret,
     })
+}
+
+/// `bytes` bytes from the system random source, as hex.
+pub fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buffer = vec![0u8; bytes];
+    SystemRandom::new()
+        .fill(&mut buffer)
+        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    Ok(buffer.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn parse_hex(text: &str) -> Option<Vec<u8>> {

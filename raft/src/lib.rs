@@ -61,5 +61,5 @@ pub mod types;
 
 pub use error::{HostError, ReadError, WriteError};
 pub use host::{GroupHost, GroupStatus, HostConfig, RaftTiming, Role};
-pub use state_machine::{ApplyError, StateMachine, StateTxn};
+pub use state_machine::{ApplyError, MemoryState, StateMachine, StateTxn};
 pub use types::{Command, GroupId, KeyValue, NodeId, Response, TypeConfig};

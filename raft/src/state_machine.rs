@@ -1,6 +1,6 @@
 //! The contract between the host and an application's state machine.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rocksdb::WriteBatch;
 
@@ -58,6 +58,25 @@ pub trait StateTxn {
 
     /// Removes `key`.
     fn delete(&mut self, key: &[u8]);
+}
+
+/// A [`StateTxn`] over an in-memory map: for testing a [`StateMachine`]
+/// without RocksDB or Raft. Writes apply at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryState(pub BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl StateTxn for MemoryState {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ApplyError> {
+        Ok(self.0.get(key).cloned())
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.0.insert(key.to_vec(), value.to_vec());
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.0.remove(key);
+    }
 }
 
 /// The host's [`StateTxn`]: a RocksDB `WriteBatch` over the group's key range,

@@ -1,32 +1,23 @@
 //! The chat state machine on its own: every command applied to an in-memory
 //! key-value state, with no Raft, RocksDB or network.
 
-use std::collections::BTreeMap;
-
-use fishchat_raft::{ApplyError, StateMachine, StateTxn};
+use fishchat_raft::{MemoryState, StateMachine};
 use fishchat_shard::{
     decode_entry, inbox_range, latest_version_key, revoked_key, ChatMachine, Command, CommandError,
     Delivery, InboxEntry, Reply, ShardId, ShardMap, UserId,
 };
 
-/// A shard's key-value state in memory.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct MemoryState(BTreeMap<Vec<u8>, Vec<u8>>);
-
-impl StateTxn for MemoryState {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ApplyError> {
-        Ok(self.0.get(key).cloned())
-    }
-    fn put(&mut self, key: &[u8], value: &[u8]) {
-        self.0.insert(key.to_vec(), value.to_vec());
-    }
-    fn delete(&mut self, key: &[u8]) {
-        self.0.remove(key);
-    }
+/// What the tests read from a shard's in-memory state.
+trait ShardView {
+    /// What a sync of `user` since `since` reads.
+    fn inbox(&self, user: UserId, since: u64) -> Vec<InboxEntry>;
+    /// The latest version of `user`'s inbox.
+    fn latest(&self, user: UserId) -> u64;
+    /// The outbox items waiting for delivery, in item order.
+    fn outbox(&self) -> Vec<Delivery>;
 }
 
-impl MemoryState {
-    /// What a sync of `user` since `since` reads.
+impl ShardView for MemoryState {
     fn inbox(&self, user: UserId, since: u64) -> Vec<InboxEntry> {
         let (from, to) = inbox_range(user, since);
         self.0
@@ -42,7 +33,6 @@ impl MemoryState {
             .unwrap_or(0)
     }
 
-    /// The outbox items waiting for delivery, in item order.
     fn outbox(&self) -> Vec<Delivery> {
         self.0
             .range(b"o".to_vec()..b"p".to_vec())

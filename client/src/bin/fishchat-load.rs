@@ -18,8 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use fishchat_client::{parse_server_list, Client, ClientConfig};
-use ring::rand::{SecureRandom, SystemRandom};
+use fishchat_client::{new_client_msg_id, parse_server_list, Client, ClientConfig};
 use tokio::sync::Mutex;
 
 /// Load generator for a FishChat cluster.
@@ -81,11 +80,8 @@ async fn main() -> anyhow::Result<()> {
     if servers.is_empty() || args.senders == 0 {
         bail!("need at least one server and one sender");
     }
-    let mut run = [0u8; 4];
-    SystemRandom::new()
-        .fill(&mut run)
-        .map_err(|_| anyhow::anyhow!("random source failed"))?;
-    let run: String = run.iter().map(|b| format!("{b:02x}")).collect();
+    // Fresh user names for every run: a random tag.
+    let run: String = new_client_msg_id()?.chars().take(8).collect();
     let password = format!("load-{run}-password");
 
     // Each client starts at another server, so load spreads over the nodes.

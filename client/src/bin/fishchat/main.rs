@@ -14,8 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fishchat_client::proto::{kick, ErrorCode, InboxEntry};
-use fishchat_client::{Client, ClientConfig, ClientError, TEXT_PLAIN};
-use ring::rand::{SecureRandom, SystemRandom};
+use fishchat_client::{new_client_msg_id, Client, ClientConfig, ClientError, TEXT_PLAIN};
 use tokio::sync::mpsc;
 
 use output::Names;
@@ -219,15 +218,14 @@ async fn register(settings: &Settings) -> anyhow::Result<()> {
 
 async fn send(session: &mut Session, to: &str, text: Option<String>) -> anyhow::Result<()> {
     let recipient = session.resolve(to).await?;
-    let random = SystemRandom::new();
     match text {
-        Some(text) => send_one(session, recipient, text, &random).await?,
+        Some(text) => send_one(session, recipient, text).await?,
         None => {
             let mut lines = stdin_lines();
             while let Some(line) = lines.recv().await {
                 let line = line.context("reading stdin")?;
                 if !line.trim().is_empty() {
-                    send_one(session, recipient, line, &random).await?;
+                    send_one(session, recipient, line).await?;
                 }
             }
         }
@@ -238,13 +236,8 @@ async fn send(session: &mut Session, to: &str, text: Option<String>) -> anyhow::
 
 /// Sends `text` to `recipient` under a fresh client message id; prints the
 /// answer.
-async fn send_one(
-    session: &Session,
-    recipient: u64,
-    text: String,
-    random: &SystemRandom,
-) -> anyhow::Result<()> {
-    let id = client_msg_id(random)?;
+async fn send_one(session: &Session, recipient: u64, text: String) -> anyhow::Result<()> {
+    let id = new_client_msg_id()?;
     let sent = session
         .client
         .send(recipient, &id, text.into_bytes(), TEXT_PLAIN)
@@ -313,7 +306,6 @@ async fn chat(mut session: Session, peer: &str) -> anyhow::Result<()> {
             }
         }
     });
-    let random = SystemRandom::new();
     let mut lines = stdin_lines();
     let outcome = loop {
         let line = tokio::select! {
@@ -331,7 +323,7 @@ async fn chat(mut session: Session, peer: &str) -> anyhow::Result<()> {
         if printer.is_finished() {
             break session_ended(&client);
         }
-        let id = client_msg_id(&random)?;
+        let id = new_client_msg_id()?;
         match client
             .send(peer_id, &id, line.into_bytes(), TEXT_PLAIN)
             .await
@@ -396,28 +388,9 @@ fn stdin_lines() -> mpsc::Receiver<std::io::Result<String>> {
     rx
 }
 
-/// A fresh random client message id: 16 random bytes in hex.
-fn client_msg_id(random: &SystemRandom) -> anyhow::Result<String> {
-    let mut bytes = [0u8; 16];
-    random
-        .fill(&mut bytes)
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn client_message_ids_are_32_hex_digits_and_differ() {
-        let random = SystemRandom::new();
-        let a = client_msg_id(&random).expect("id");
-        let b = client_msg_id(&random).expect("id");
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
-    }
 
     #[test]
     fn commands_parse_with_their_options() {
