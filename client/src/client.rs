@@ -458,6 +458,14 @@ pub(crate) fn unexpected(operation: &str, answer: &response::Body) -> ClientErro
         response::Body::Sync(_) => "sync",
         response::Body::Ping(_) => "ping",
         response::Body::Lookup(_) => "lookup",
+        response::Body::CreateGroup(_) => "create_group",
+        response::Body::AddGroupMember(_) => "add_group_member",
+        response::Body::RemoveGroupMember(_) => "remove_group_member",
+        response::Body::LeaveGroup(_) => "leave_group",
+        response::Body::DissolveGroup(_) => "dissolve_group",
+        response::Body::GroupMembers(_) => "group_members",
+        response::Body::ListGroups(_) => "list_groups",
+        response::Body::GroupSend(_) => "group_send",
     };
     ClientError::Protocol(format!("a {operation} request was answered with {kind}"))
 }

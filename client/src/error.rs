@@ -149,6 +149,25 @@ mod tests {
     }
 
     #[test]
+    fn the_group_codes_are_known_by_name_and_not_retryable() {
+        for (wire, code, name) in [
+            (18, ErrorCode::UnknownGroup, "UNKNOWN_GROUP"),
+            (19, ErrorCode::GroupDissolved, "GROUP_DISSOLVED"),
+            (20, ErrorCode::GroupFull, "GROUP_FULL"),
+        ] {
+            let error = ClientError::from_wire(WireError {
+                code: wire,
+                message: "group trouble".into(),
+                retryable: false,
+                retry_after_ms: 0,
+            });
+            assert_eq!(error.code(), Some(code));
+            assert_eq!(error.code_name(), name);
+            assert!(!error.is_retryable());
+        }
+    }
+
+    #[test]
     fn transport_failures_are_retryable_and_protocol_ones_are_not() {
         assert!(ClientError::Timeout.is_retryable());
         assert!(ClientError::Transport("reset".into()).is_retryable());

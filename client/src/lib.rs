@@ -16,12 +16,16 @@
 //!   timeout or a lost connection, repeats the *same* request, failing over
 //!   to the next node and logging in again as needed, until the retry
 //!   deadline. [`Client::request_once`] bypasses it.
+//! - Group chat ([`Client::create_group`], [`Client::send_group`], membership
+//!   changes and listings) on the same retry loop; group messages and
+//!   membership events arrive as ordinary inbox entries.
 //! - [`Client::incoming`]: every new inbox entry exactly once and in version
 //!   order, from notifies, a sync timer and resyncs after reconnects.
 //!
-//! Promises: a `send` retried by this crate always repeats its
-//! `client_msg_id`, so it is stored at most once; nothing from the network
-//! or a file can make this crate panic; every network wait has a timeout.
+//! Promises: a `send` or `send_group` retried by this crate always repeats
+//! its `client_msg_id`, and a `create_group` its `request_key`, so each is
+//! carried out at most once; nothing from the network or a file can make
+//! this crate panic; every network wait has a timeout.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), fishchat_client::ClientError> {
@@ -42,6 +46,7 @@ mod config;
 mod connection;
 mod error;
 mod failover;
+mod groups;
 mod incoming;
 pub mod retry;
 mod tls;
@@ -55,9 +60,10 @@ pub use tls::{quic_client_config, ALPN};
 /// The wire types (`proto/client.proto`), re-exported for callers.
 pub use fishchat_proto::client as proto;
 
-/// A fresh client message id for [`Client::send`]: 16 bytes from the system
-/// random source, as 32 hex digits, unique among a sender's messages for all
-/// practical purposes.
+/// A fresh client message id for [`Client::send`] and [`Client::send_group`]
+/// (and the request key of [`Client::create_group`]): 16 bytes from the
+/// system random source, as 32 hex digits, unique among a sender's messages
+/// for all practical purposes.
 pub fn new_client_msg_id() -> Result<String, ClientError> {
     use ring::rand::{SecureRandom, SystemRandom};
     let mut bytes = [0u8; 16];

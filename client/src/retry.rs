@@ -194,6 +194,9 @@ mod tests {
             ErrorCode::WrongPassword,
             ErrorCode::BadRequest,
             ErrorCode::Internal,
+            ErrorCode::UnknownGroup,
+            ErrorCode::GroupDissolved,
+            ErrorCode::GroupFull,
         ] {
             assert_eq!(verdict(&server(code, false), 0, false), Verdict::GiveUp);
         }

@@ -317,3 +317,209 @@ async fn chat_sends_typed_lines_and_prints_the_peers_messages() {
         .expect("chat exits");
     assert!(status.success(), "end of input ends the chat: {status:?}");
 }
+
+/// Registers `names` (password `password1`) through the SDK.
+async fn register_all(cluster: &FakeCluster, node: &FakeNode, names: &[&str]) {
+    let client = Client::connect(cluster.config(&[node]))
+        .await
+        .expect("connect");
+    for name in names {
+        client.register(name, "password1").await.expect("register");
+    }
+    client.close();
+}
+
+fn text_lines(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commands_create_change_list_send_and_show_group_entries() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let ca = ca_file();
+    register_all(&cluster, &node, &["alice", "bob", "carol"]).await;
+    let run = |user: &'static str, args: &'static [&'static str], stdin: &'static str| {
+        fishchat(&node, ca.path(), user, args, stdin)
+    };
+
+    let created = run(
+        "alice",
+        &["--json", "group", "create", "team", "--members", "bob"],
+        "",
+    )
+    .await;
+    assert!(created.status.success(), "{created:?}");
+    assert_eq!(
+        lines(&created),
+        vec![serde_json::json!({"group_id":1,"name":"team","duplicate":false})]
+    );
+
+    let added = run("alice", &["group", "add", "1", "carol", "--admin"], "").await;
+    assert_eq!(
+        text_lines(&added),
+        vec!["added carol to group 1 as admin (seq 2)"],
+        "{added:?}"
+    );
+
+    let members = lines(&run("bob", &["--json", "group", "members", "1"], "").await);
+    let roles: Vec<(&str, &str)> = members
+        .iter()
+        .filter_map(|m| Some((m["username"].as_str()?, m["role"].as_str()?)))
+        .collect();
+    assert_eq!(
+        roles,
+        vec![("alice", "owner"), ("bob", "member"), ("carol", "admin")]
+    );
+    let table = text_lines(&run("bob", &["group", "members", "1"], "").await);
+    assert!(
+        table[0].starts_with("group 1 #team, owner alice,"),
+        "{table:?}"
+    );
+    assert_eq!(
+        table[1].split_whitespace().collect::<Vec<_>>(),
+        ["USER", "ID", "USERNAME", "ROLE", "JOINED", "SEQ"]
+    );
+    assert_eq!(
+        table[4].split_whitespace().collect::<Vec<_>>(),
+        ["3", "carol", "admin", "2"]
+    );
+
+    let listed = run("carol", &["--json", "group", "list"], "").await;
+    assert_eq!(
+        lines(&listed),
+        vec![serde_json::json!({"group_id":1,"name":"team"})]
+    );
+
+    let sent = run(
+        "alice",
+        &["--json", "group", "send", "1", "hello", "team"],
+        "",
+    )
+    .await;
+    let sent = lines(&sent);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["group_id"], 1);
+    assert_eq!(sent[0]["group_seq"], 3);
+    assert_eq!(sent[0]["duplicate"], false);
+    let piped = run("bob", &["--json", "group", "send", "1"], "one\n\ntwo\n").await;
+    assert!(piped.status.success(), "{piped:?}");
+    let seqs: Vec<u64> = lines(&piped)
+        .iter()
+        .filter_map(|l| l["group_seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, vec![4, 5], "one message per non-empty line");
+
+    // Carol never looked anyone up: names come from events and the group.
+    let synced = text_lines(&run("carol", &["sync"], "").await);
+    let tails: Vec<&str> = synced
+        .iter()
+        .filter_map(|line| line.split_once("] ").map(|(_, tail)| tail))
+        .collect();
+    assert_eq!(
+        tails,
+        vec![
+            "[#team] carol joined (added by alice)",
+            "[#team] alice: hello team",
+            "[#team] bob: one",
+            "[#team] bob: two",
+        ]
+    );
+    let json = lines(&run("bob", &["--json", "sync"], "").await);
+    assert_eq!(json[0]["group_id"], 1);
+    assert_eq!(json[0]["group_seq"], 1);
+    assert_eq!(json[0]["group_event"]["kind"], "created");
+    assert_eq!(json[0]["group_event"]["group_name"], "team");
+    assert_eq!(json[2]["body"], "hello team");
+    assert_eq!(json[2]["group_event"], serde_json::Value::Null);
+
+    let removed = run("carol", &["group", "remove", "1", "bob"], "").await;
+    assert_eq!(
+        text_lines(&removed),
+        vec!["removed bob from group 1 (seq 6)"]
+    );
+    let left = run("carol", &["--json", "group", "leave", "1"], "").await;
+    assert_eq!(
+        lines(&left),
+        vec![serde_json::json!({"group_id":1,"changed":true,"group_seq":7})]
+    );
+    let dissolved = run("alice", &["group", "dissolve", "1"], "").await;
+    assert_eq!(text_lines(&dissolved), vec!["dissolved group 1 (seq 8)"]);
+
+    let bob_sees = text_lines(&run("bob", &["sync"], "").await);
+    assert!(
+        bob_sees
+            .last()
+            .is_some_and(|l| l.ends_with("] [#team] bob was removed by carol")),
+        "{bob_sees:?}"
+    );
+    let alice_sees = text_lines(&run("alice", &["sync", "--since", "6"], "").await);
+    let tails: Vec<&str> = alice_sees
+        .iter()
+        .filter_map(|line| line.split_once("] ").map(|(_, tail)| tail))
+        .collect();
+    assert_eq!(
+        tails,
+        vec!["[#team] carol left", "[#team] group dissolved"],
+        "{alice_sees:?}"
+    );
+
+    let late = run("alice", &["group", "send", "1", "anyone?"], "").await;
+    assert_eq!(late.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&late.stderr).contains("GROUP_DISSOLVED"),
+        "{late:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_names_a_group_created_before_it_started() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let ca = ca_file();
+    register_all(&cluster, &node, &["alice", "bob"]).await;
+    let alice = Client::connect(cluster.config(&[&node]))
+        .await
+        .expect("connect");
+    alice
+        .login("alice", "password1", None)
+        .await
+        .expect("login");
+    let group = alice
+        .create_group("team", &[2])
+        .await
+        .expect("create")
+        .group_id;
+
+    let mut child = command(&node, ca.path(), "bob")
+        .args(["watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start watch");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Give watch time to log in and note the latest version.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    alice
+        .send_group(group, "g1", b"hello".to_vec(), TEXT_PLAIN)
+        .await
+        .expect("send");
+    let line = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a line in time")
+        .expect("watch still runs");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.ends_with("] [#team] alice: hello"), "{line}");
+}

@@ -5,13 +5,12 @@
 //! at once overload a two-core machine into elections).
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
-use fishchat_client::{Client, ClientConfig, Connection, PushStream};
+use fishchat_client::{Client, Connection, PushStream};
 use fishchat_cluster_tests::{cli_binary, Cluster};
 use fishchat_proto::client::{
     kick::Reason, push, request, response, ErrorCode, LoginRequest, PingRequest, Request,
@@ -19,102 +18,12 @@ use fishchat_proto::client::{
 };
 use serde_json::Value;
 
-static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+mod common;
 
-/// Held for a whole test: its cluster is the only one running.
-fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-}
-
-const SHARDS: u32 = 8;
-const READY: Duration = Duration::from_secs(60);
-const PASSWORD: &str = "correct horse";
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
-}
-
-fn started(extra: &[&str]) -> anyhow::Result<Cluster> {
-    let cluster = Cluster::start_with(3, SHARDS, extra)?;
-    for id in 1..=3 {
-        cluster.wait_ready(id, READY)?;
-    }
-    Ok(cluster)
-}
-
-/// Client settings for `servers` (node ids, in the order to try).
-fn config(cluster: &Cluster, servers: &[u64]) -> anyhow::Result<ClientConfig> {
-    let addrs = servers.iter().map(|id| cluster.client_addr(*id)).collect();
-    Ok(ClientConfig::from_ca_file(addrs, cluster.ca_path())?)
-}
-
-/// Runs the CLI against `server` as `user`; returns its standard output.
-fn cli(
-    cluster: &Cluster,
-    server: u64,
-    user: &str,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> anyhow::Result<String> {
-    let mut child = Command::new(cli_binary()?)
-        .arg("--server")
-        .arg(cluster.client_addr(server))
-        .arg("--ca")
-        .arg(cluster.ca_path())
-        .arg("--user")
-        .arg(user)
-        .arg("--password")
-        .arg(PASSWORD)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())?;
-    }
-    let output = child.wait_with_output()?;
-    if !output.status.success() {
-        bail!(
-            "fishchat {args:?} as {user} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8(output.stdout)?)
-}
-
-fn json_lines(text: &str) -> anyhow::Result<Vec<Value>> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
-        .collect()
-}
-
-fn field(entry: &Value, name: &str) -> anyhow::Result<u64> {
-    entry[name]
-        .as_u64()
-        .ok_or_else(|| anyhow!("entry without {name}: {entry}"))
-}
-
-/// Registers `name` through the CLI and returns its user id.
-fn register(cluster: &Cluster, server: u64, name: &str) -> anyhow::Result<u64> {
-    let out = cli(cluster, server, name, &["--json", "register"], None)?;
-    let lines = json_lines(&out)?;
-    let first = lines
-        .first()
-        .ok_or_else(|| anyhow!("register printed nothing"))?;
-    field(first, "user_id")
-}
+use common::{
+    cli, config, field, json_lines, one_cluster_at_a_time, register, runtime,
+    same_digests_everywhere, send_many, started, To, PASSWORD, READY, SHARDS,
+};
 
 /// Registers the first of `names` whose shard differs from `other`'s, so the
 /// sender's copy crosses shards (the outbox path).
@@ -286,31 +195,6 @@ fn line_reader(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Re
     rx
 }
 
-/// Sends `count` messages from `client` to `to`, with ids `prefix-N`;
-/// returns the bodies acknowledged.
-async fn send_many(
-    client: &Client,
-    to: u64,
-    prefix: &str,
-    count: usize,
-) -> anyhow::Result<Vec<String>> {
-    let mut acked = Vec::new();
-    for i in 0..count {
-        let body = format!("{prefix} {i}");
-        client
-            .send(
-                to,
-                &format!("{prefix}-{i}"),
-                body.clone().into_bytes(),
-                "text/plain",
-            )
-            .await
-            .with_context(|| format!("sending {body}"))?;
-        acked.push(body);
-    }
-    Ok(acked)
-}
-
 async fn inbox_bodies(client: &Client) -> anyhow::Result<Vec<String>> {
     let entries = client.sync_all(0).await?;
     for (i, entry) in entries.iter().enumerate() {
@@ -323,27 +207,6 @@ async fn inbox_bodies(client: &Client) -> anyhow::Result<Vec<String>> {
         .into_iter()
         .map(|e| String::from_utf8_lossy(&e.body).into_owned())
         .collect())
-}
-
-fn same_digests_everywhere(cluster: &Cluster) -> anyhow::Result<Option<()>> {
-    let mut views = Vec::new();
-    for id in 1..=3 {
-        let status = cluster.status(id)?;
-        let shards = status["shards"]
-            .as_array()
-            .ok_or_else(|| anyhow!("no shards"))?
-            .iter()
-            .map(|s| {
-                (
-                    s["shard"].clone(),
-                    s["applied"].clone(),
-                    s["digest"].clone(),
-                )
-            })
-            .collect::<Vec<_>>();
-        views.push(shards);
-    }
-    Ok((views[0] == views[1] && views[1] == views[2]).then_some(()))
 }
 
 #[test]
@@ -360,10 +223,10 @@ fn a_killed_node_does_not_stop_chat_and_catches_up_when_restarted() -> anyhow::R
         bob.login("bob", PASSWORD, None).await?;
         anyhow::Ok((alice, bob, bob_id))
     })?;
-    let mut expected = rt.block_on(send_many(&alice, bob_id, "before", 50))?;
+    let mut expected = rt.block_on(send_many(&alice, To::User(bob_id), "before", 50))?;
 
     cluster.kill(1)?;
-    expected.extend(rt.block_on(send_many(&alice, bob_id, "during", 50))?);
+    expected.extend(rt.block_on(send_many(&alice, To::User(bob_id), "during", 50))?);
     let during = rt.block_on(inbox_bodies(&bob))?;
     ensure!(
         during == expected,
@@ -376,7 +239,7 @@ fn a_killed_node_does_not_stop_chat_and_catches_up_when_restarted() -> anyhow::R
 
     cluster.start_node(1)?;
     cluster.wait_ready(1, READY)?;
-    expected.extend(rt.block_on(send_many(&alice, bob_id, "after", 20))?);
+    expected.extend(rt.block_on(send_many(&alice, To::User(bob_id), "after", 20))?);
     cluster.eventually(
         "every shard has the same applied index and digest on all three nodes",
         Duration::from_secs(60),
@@ -401,7 +264,7 @@ fn every_acknowledged_message_survives_killing_all_nodes() -> anyhow::Result<()>
         alice.register("alice", PASSWORD).await?;
         let bob_id = alice.register("bob", PASSWORD).await?;
         alice.login("alice", PASSWORD, None).await?;
-        let acked = send_many(&alice, bob_id, "durable", 100).await?;
+        let acked = send_many(&alice, To::User(bob_id), "durable", 100).await?;
         anyhow::Ok((bob_id, acked))
     })?;
     for id in 1..=3 {

@@ -22,6 +22,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tracing::Instrument;
 
 use crate::config::Limits;
+use crate::courier::Courier;
 use crate::events::Events;
 use crate::node::group_of;
 use crate::revocations::TRUST;
@@ -148,16 +149,25 @@ fn operation_name(request: &Request) -> &'static str {
         Some(request::Body::Sync(_)) => "sync",
         Some(request::Body::Ping(_)) => "ping",
         Some(request::Body::Lookup(_)) => "lookup",
+        Some(request::Body::CreateGroup(_)) => "create_group",
+        Some(request::Body::AddGroupMember(_)) => "add_group_member",
+        Some(request::Body::RemoveGroupMember(_)) => "remove_group_member",
+        Some(request::Body::LeaveGroup(_)) => "leave_group",
+        Some(request::Body::DissolveGroup(_)) => "dissolve_group",
+        Some(request::Body::GroupMembers(_)) => "group_members",
+        Some(request::Body::ListGroups(_)) => "list_groups",
+        Some(request::Body::GroupSend(_)) => "group_send",
     }
 }
 
 /// The protocol's operations on one node.
 pub struct Chat {
-    host: Arc<GroupHost>,
-    map: ShardMap,
+    pub(crate) host: Arc<GroupHost>,
+    pub(crate) map: ShardMap,
     tokens: TokenKey,
-    limits: Limits,
-    events: Arc<Events>,
+    pub(crate) limits: Limits,
+    pub(crate) events: Arc<Events>,
+    pub(crate) courier: Arc<Courier>,
     client_addrs: Vec<String>,
     random: SystemRandom,
     stats: RequestStats,
@@ -174,6 +184,7 @@ impl Chat {
         tokens: TokenKey,
         limits: Limits,
         events: Arc<Events>,
+        courier: Arc<Courier>,
         client_addrs: Vec<String>,
     ) -> Self {
         Self {
@@ -182,6 +193,7 @@ impl Chat {
             tokens,
             limits,
             events,
+            courier,
             client_addrs,
             random: SystemRandom::new(),
             stats: RequestStats::default(),
@@ -282,6 +294,10 @@ impl Chat {
                     user_id: account.user_id,
                     username: account.username,
                 }))
+            }
+            group => {
+                let claims = self.authenticate(&request.token, bound).await?;
+                self.group_request(claims.user, group).await
             }
         }
     }
@@ -545,33 +561,44 @@ impl Chat {
         Ok(claims)
     }
 
-    async fn send(
+    /// Checks what a message to a user and to a group share.
+    pub(crate) fn check_message(
         &self,
-        sender: UserId,
-        send: wire::SendRequest,
-    ) -> Result<response::Body, Refusal> {
-        if send.body.len() > self.limits.max_body_bytes as usize {
+        body: &[u8],
+        client_msg_id: &str,
+        content_type: &str,
+    ) -> Result<(), Refusal> {
+        if body.len() > self.limits.max_body_bytes as usize {
             return Err(Refusal::new(
                 ErrorCode::BodyTooLarge,
                 format!(
                     "the body has {} bytes; the limit is {}",
-                    send.body.len(),
+                    body.len(),
                     self.limits.max_body_bytes
                 ),
             ));
         }
-        if send.client_msg_id.is_empty() || send.client_msg_id.len() > MAX_CLIENT_MSG_ID {
+        if client_msg_id.is_empty() || client_msg_id.len() > MAX_CLIENT_MSG_ID {
             return Err(Refusal::new(
                 ErrorCode::BadRequest,
                 format!("client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} bytes"),
             ));
         }
-        if send.content_type.len() > MAX_CONTENT_TYPE {
+        if content_type.len() > MAX_CONTENT_TYPE {
             return Err(Refusal::new(
                 ErrorCode::BadRequest,
                 format!("content_type has at most {MAX_CONTENT_TYPE} bytes"),
             ));
         }
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        sender: UserId,
+        send: wire::SendRequest,
+    ) -> Result<response::Body, Refusal> {
+        self.check_message(&send.body, &send.client_msg_id, &send.content_type)?;
         let recipient = send.recipient_id;
         if recipient == 0 {
             return Err(refusal_of(CommandError::UnknownUser(0)));
@@ -584,10 +611,8 @@ impl Chat {
             content_type: send.content_type,
             now_ms: now_ms(),
         };
-        match self
-            .propose(self.map.shard_of_user(recipient), &command)
-            .await?
-        {
+        let shard = self.map.shard_of_user(recipient);
+        match self.propose(shard, &command).await? {
             Reply::Sent {
                 message_id,
                 version,
@@ -600,16 +625,9 @@ impl Chat {
                 }
                 if let Some(copy) = copy {
                     // Read-your-writes: the sender's copy is in place before
-                    // the answer. If this fails the outbox pump delivers it.
-                    let owner = copy.owner;
-                    // A retry with the same client_msg_id delivers it then.
-                    match self
-                        .propose(self.map.shard_of_user(owner), &Command::Deliver(copy))
-                        .await?
-                    {
-                        Reply::Delivered { version } => self.events.inbox_advanced(owner, version),
-                        other => return Err(unexpected(other)),
-                    }
+                    // the answer. If that takes too long the request times
+                    // out, the courier goes on, and a retry confirms.
+                    self.courier.deliver(shard, copy).await.map_err(stopping)?;
                 }
                 Ok(response::Body::Send(wire::SendResponse {
                     message_id,
@@ -699,14 +717,14 @@ impl Chat {
     }
 
     /// One key of a shard's state, read linearizably at its leader.
-    async fn read(&self, shard: u32, key: &[u8]) -> Result<Option<Vec<u8>>, Refusal> {
+    pub(crate) async fn read(&self, shard: u32, key: &[u8]) -> Result<Option<Vec<u8>>, Refusal> {
         let mut end = key.to_vec();
         end.push(0);
         let rows = self.host.scan(group_of(shard), key, &end, 1).await?;
         Ok(rows.into_iter().find(|(k, _)| k == key).map(|(_, v)| v))
     }
 
-    async fn propose(&self, shard: u32, command: &Command) -> Result<Reply, Refusal> {
+    pub(crate) async fn propose(&self, shard: u32, command: &Command) -> Result<Reply, Refusal> {
         let bytes = self.host.propose(group_of(shard), command.encode()).await?;
         match Reply::decode(&bytes) {
             Ok(Reply::Refused(refusal)) => Err(refusal_of(refusal)),
@@ -717,18 +735,32 @@ impl Chat {
 }
 
 /// The client's view of a shard's refusal.
-fn refusal_of(error: CommandError) -> Refusal {
+pub(crate) fn refusal_of(error: CommandError) -> Refusal {
     let code = match &error {
         CommandError::UsernameTaken => ErrorCode::UsernameTaken,
         CommandError::InvalidUsername => ErrorCode::InvalidUsername,
         CommandError::UnknownUser(_) => ErrorCode::UnknownUser,
-        CommandError::InvalidClientMessageId => ErrorCode::BadRequest,
-        CommandError::WrongShard { .. } | CommandError::Malformed(_) => ErrorCode::Internal,
+        CommandError::InvalidClientMessageId
+        | CommandError::InvalidRequestKey
+        | CommandError::InvalidGroupName => ErrorCode::BadRequest,
+        CommandError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+        CommandError::GroupDissolved(_) => ErrorCode::GroupDissolved,
+        CommandError::GroupFull { .. } => ErrorCode::GroupFull,
+        CommandError::NotAMember(_) | CommandError::NotAllowed(_) => ErrorCode::PermissionDenied,
+        CommandError::WrongShard { .. }
+        | CommandError::Malformed(_)
+        | CommandError::OutOfOrder { .. } => ErrorCode::Internal,
     };
     Refusal::new(code, error.to_string())
 }
 
-fn unexpected(reply: Reply) -> Refusal {
+/// The answer when the node stops while a committed request waits for its
+/// delivery: the outcome is known to the cluster, not yet to the client.
+pub(crate) fn stopping(e: crate::courier::Stopped) -> Refusal {
+    Refusal::new(ErrorCode::Timeout, e.to_string())
+}
+
+pub(crate) fn unexpected(reply: Reply) -> Refusal {
     Refusal::new(
         ErrorCode::Internal,
         format!("the shard answered with an unexpected reply: {reply:?}"),
@@ -745,8 +777,9 @@ pub fn to_wire(entry: fishchat_shard::InboxEntry) -> wire::InboxEntry {
         body: entry.body,
         content_type: entry.content_type,
         timestamp_ms: entry.timestamp_ms,
-        group_id: 0,
-        group_seq: 0,
+        group_id: entry.group,
+        group_seq: entry.group_seq,
+        group_event: entry.event.map(crate::groups::event_to_wire),
     }
 }
 

@@ -107,7 +107,13 @@ pub struct Flags {
     /// Requests in flight per client connection [default: 64].
     #[arg(long, env = "FISHCHAT_MAX_REQUESTS_IN_FLIGHT")]
     pub max_requests_in_flight: Option<u32>,
+    /// Most members of a group, the owner included, 2 to 10000 [default: 1000].
+    #[arg(long, env = "FISHCHAT_MAX_GROUP_MEMBERS")]
+    pub max_group_members: Option<u32>,
 }
+
+/// The largest accepted max group size.
+const MAX_GROUP_MEMBERS: u32 = 10_000;
 
 /// Limits of the client protocol (reported to clients at login).
 #[derive(Clone, Debug, Serialize)]
@@ -131,6 +137,8 @@ pub struct Limits {
     /// How long a request may take before it is answered TIMEOUT (also the
     /// longest wait for a request frame).
     pub request_deadline: Duration,
+    /// Most members of a group, the owner included.
+    pub max_group_members: u32,
 }
 
 impl Default for Limits {
@@ -145,6 +153,7 @@ impl Default for Limits {
             min_password_chars: 8,
             max_password_bytes: 1024,
             request_deadline: Duration::from_secs(10),
+            max_group_members: 1000,
         }
     }
 }
@@ -301,8 +310,20 @@ impl Settings {
                 .or(file.token_lifetime_secs)
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.token_lifetime),
+            max_group_members: flags
+                .max_group_members
+                .or(file.max_group_members)
+                .unwrap_or(defaults.max_group_members),
             ..defaults
         };
+        // A group's record and its creation command grow with its members
+        // (about 60 bytes each) and must stay well inside one Raft command.
+        if !(2..=MAX_GROUP_MEMBERS).contains(&limits.max_group_members) {
+            return Err(ConfigError::Invalid(format!(
+                "max group members ({}) must be 2 to {MAX_GROUP_MEMBERS}",
+                limits.max_group_members
+            )));
+        }
         // A body must fit in a frame with room for the rest of a request, and
         // one entry of any size must fit in a sync page.
         if u64::from(limits.max_body_bytes) + 4096 > u64::from(limits.max_frame_bytes) {

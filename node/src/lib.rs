@@ -19,7 +19,9 @@
 pub mod admin;
 pub mod chat;
 pub mod config;
+pub mod courier;
 pub mod events;
+pub mod groups;
 pub mod meta;
 pub mod node;
 pub mod outbox;

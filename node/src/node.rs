@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::admin;
 use crate::chat::Chat;
 use crate::config::Settings;
+use crate::courier::Courier;
 use crate::events::Events;
 use crate::meta::{self, ClusterRecord, MetaMachine, META_GROUP};
 use crate::quic::ClientEndpoint;
@@ -92,12 +93,19 @@ impl Node {
             .map(|(_, addr)| addr.clone())
             .collect();
         let events = Arc::new(Events::new(sessions.clone(), &other_peers));
+        let (pump_stop, pump_stopped) = tokio::sync::watch::channel(false);
+        let courier = Arc::new(Courier::new(
+            host.clone(),
+            events.clone(),
+            pump_stopped.clone(),
+        ));
         let chat = Arc::new(Chat::new(
             host.clone(),
             map,
             TokenKey::new(&keys.token_secret),
             settings.limits.clone(),
             events.clone(),
+            courier.clone(),
             client_addrs(&settings),
         ));
         let clients = ClientEndpoint::start(
@@ -122,8 +130,7 @@ impl Node {
                 }
             }
         });
-        let (pump_stop, pump_stopped) = tokio::sync::watch::channel(false);
-        let pump_task = tokio::spawn(outbox::run(host.clone(), map, events, pump_stopped));
+        let pump_task = tokio::spawn(outbox::run(host.clone(), map, courier, pump_stopped));
 
         let (admin_stop, stopped) = oneshot::channel();
         let listener = tokio::net::TcpListener::bind(settings.admin_listen)

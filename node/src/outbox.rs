@@ -1,41 +1,40 @@
-//! The outbox pump: on every shard this node leads, delivers the outbox items
-//! their proposer did not (it crashed, or the target shard was unavailable),
-//! and forgets delivered items.
+//! The outbox pump: on every shard this node leads, forgets the outbox
+//! items their target has applied, and hands the courier what nobody
+//! carried (its proposer crashed, or the target shard was unavailable).
 //!
-//! A send's proposer delivers the sender's copy itself right after the commit
-//! (read-your-writes); the pump leaves items alone for [`GRACE`] so the two
-//! rarely race, and a race is harmless: the target shard applies an item once
-//! (its `r` marker) and answers a repeat with the first version. After a
-//! leader change the new leader's pump finds the same items in the
-//! replicated outbox, so every item is delivered exactly once whatever fails.
+//! The proposer of a send or a group entry asks the courier for its items
+//! at once; the pump leaves items alone for [`GRACE`] so that the two rarely
+//! do the same work twice, and when they do the target applies each item
+//! once. After a leader change the new leader's pump finds the same items in
+//! the replicated outbox, so every item arrives exactly once whatever fails.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fishchat_raft::{GroupHost, Role};
 use fishchat_shard::{
-    decode_delivery, outbox_range, received_item, received_range, Command, Delivery, Reply,
-    ShardId, ShardMap,
+    channel_watermark_key, decode_delivery, outbox_range, outbox_ref, Command, OutboxRef, ShardId,
+    ShardMap,
 };
 use tokio::sync::watch;
 
 use crate::chat::now_ms;
-use crate::events::Events;
+use crate::courier::Courier;
 use crate::node::group_of;
 
 /// How often each led shard's outbox is looked at.
 const PERIOD: Duration = Duration::from_millis(500);
-/// How old an item must be before the pump takes over its delivery.
+/// How old an item must be before the pump asks for its delivery.
 const GRACE: Duration = Duration::from_secs(2);
-/// Most items handled per shard per round.
+/// Most items read per shard per round.
 const BATCH: usize = 512;
 
 /// Runs the pump until `stop` turns true.
 pub async fn run(
     host: Arc<GroupHost>,
     map: ShardMap,
-    events: Arc<Events>,
+    courier: Arc<Courier>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(PERIOD);
@@ -55,46 +54,72 @@ pub async fn run(
             if !leads {
                 continue;
             }
-            if let Err(e) = pump(&host, map, &events, shard).await {
-                tracing::debug!(shard, error = %e, "outbox round incomplete");
+            // A full round that forgot items may have more behind it.
+            loop {
+                match pump(&host, &courier, shard).await {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::debug!(shard, error = %e, "outbox round incomplete");
+                        break;
+                    }
+                }
             }
         }
     }
 }
 
-/// One round for `shard`: deliver what is due, forget what was delivered.
-async fn pump(
-    host: &GroupHost,
-    map: ShardMap,
-    events: &Events,
-    shard: ShardId,
-) -> Result<(), String> {
+/// One round for `shard`: forget what was delivered, ask for what is
+/// overdue. True when the round was full and forgot something.
+async fn pump(host: &GroupHost, courier: &Courier, shard: ShardId) -> Result<bool, String> {
     let (from, to) = outbox_range();
     let rows = host
         .scan(group_of(shard), &from, &to, BATCH)
         .await
         .map_err(|e| e.to_string())?;
+    let full = rows.len() == BATCH;
     let cutoff = now_ms().saturating_sub(GRACE.as_millis() as u64);
-    let mut by_target: BTreeMap<ShardId, Vec<Delivery>> = BTreeMap::new();
-    for (_, value) in rows {
+    // Per target: its items here, with their commit times, in item order.
+    let mut channels: BTreeMap<ShardId, Vec<(OutboxRef, u64)>> = BTreeMap::new();
+    for (key, value) in rows {
+        let item = outbox_ref(&key).ok_or("an outbox key does not parse")?;
         let delivery = decode_delivery(&value).map_err(|e| e.to_string())?;
-        if delivery.entry.timestamp_ms <= cutoff {
-            by_target
-                .entry(map.shard_of_user(delivery.owner))
-                .or_default()
-                .push(delivery);
-        }
+        channels
+            .entry(item.target)
+            .or_default()
+            .push((item, delivery.entry.timestamp_ms));
     }
     let mut done = Vec::new();
     let mut failed = None;
-    for (target, deliveries) in by_target {
-        // One unavailable target does not hold up the others, nor the
-        // forgetting of what was delivered.
-        if let Err(e) = deliver_to(host, events, shard, target, deliveries, &mut done).await {
-            failed = Some(e);
+    for (target, items) in channels {
+        // One unavailable target does not hold up the others.
+        let applied = match applied_through(host, shard, target).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                failed = Some(e);
+                continue;
+            }
+        };
+        let mut overdue = None;
+        for (item, committed_ms) in items {
+            if item.item <= applied {
+                done.push(item);
+            } else if committed_ms <= cutoff {
+                overdue = Some(item);
+            }
+        }
+        if let Some(item) = overdue {
+            tracing::info!(
+                shard,
+                target,
+                item = item.item,
+                "outbox pump delivers overdue items"
+            );
+            courier.kick(shard, item);
         }
     }
-    if !done.is_empty() {
+    let forgot = !done.is_empty();
+    if forgot {
         host.propose(
             group_of(shard),
             Command::OutboxDone { items: done }.encode(),
@@ -102,47 +127,30 @@ async fn pump(
         .await
         .map_err(|e| e.to_string())?;
     }
-    failed.map_or(Ok(()), Err)
+    failed.map_or(Ok(full && forgot), Err)
 }
 
-/// Delivers `deliveries` of `shard`'s outbox to `target` unless already
-/// there; adds every item now known delivered to `done`.
-async fn deliver_to(
+/// The last item of `source`'s channel that `target` has applied.
+async fn applied_through(
     host: &GroupHost,
-    events: &Events,
-    shard: ShardId,
+    source: ShardId,
     target: ShardId,
-    deliveries: Vec<Delivery>,
-    done: &mut Vec<u64>,
-) -> Result<(), String> {
-    let first = deliveries.iter().map(|d| d.item).min().unwrap_or(0);
-    let last = deliveries.iter().map(|d| d.item).max().unwrap_or(0);
-    let (from, to) = received_range(shard, first, last);
-    let span = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
-    // A truncated answer only makes some items look undelivered; their
-    // repeat delivery is recognised by the target.
-    let received: HashSet<u64> = host
-        .scan(group_of(target), &from, &to, span.min(10 * BATCH))
+) -> Result<u64, String> {
+    let key = channel_watermark_key(source);
+    let mut end = key.clone();
+    end.push(0);
+    let rows = host
+        .scan(group_of(target), &key, &end, 1)
         .await
-        .map_err(|e| e.to_string())?
-        .iter()
-        .filter_map(|(key, _)| received_item(key))
-        .collect();
-    for delivery in deliveries {
-        let item = delivery.item;
-        if !received.contains(&item) {
-            let owner = delivery.owner;
-            let reply = host
-                .propose(group_of(target), Command::Deliver(delivery).encode())
-                .await
-                .map_err(|e| e.to_string())?;
-            match Reply::decode(&reply) {
-                Ok(Reply::Delivered { version }) => events.inbox_advanced(owner, version),
-                other => return Err(format!("delivery of item {item} refused: {other:?}")),
-            }
-            tracing::info!(shard, target, item, "outbox item delivered by the pump");
+        .map_err(|e| e.to_string())?;
+    match rows.into_iter().find(|(k, _)| *k == key) {
+        None => Ok(0),
+        Some((_, value)) => {
+            let bytes: [u8; 8] = value
+                .as_slice()
+                .try_into()
+                .map_err(|_| "a channel watermark is not 8 bytes")?;
+            Ok(u64::from_be_bytes(bytes))
         }
-        done.push(item);
     }
-    Ok(())
 }

@@ -8,17 +8,22 @@
 //! | `v` · user id | latest inbox version (u64 BE) |
 //! | `i` · user id · version (u64 BE) | [`InboxEntry`] |
 //! | `d` · sender id · client message id | [`SendReceipt`] |
-//! | `o` · item sequence (u64 BE) | [`Delivery`] waiting to reach its target shard |
-//! | `r` · source shard (u32 BE) · item sequence | version the item got here (u64 BE) |
+//! | `o` · target shard (u32 BE) · item (u64 BE) | [`Delivery`] waiting to reach its target shard |
+//! | `r` · source shard (u32 BE) | last item of that source's channel applied here (u64 BE) |
 //! | `k` · user id · session id (u64 BE) | revoked session: its expiry (u64 BE ms) |
 //! | `e` · user id · device name | [`DeviceSession`]: the device's current session |
+//! | `g` · group id | [`Group`]: name, owner, members |
+//! | `q` · group id | the group's latest group sequence (u64 BE) |
+//! | `c` · creator id · request key | [`CreateReceipt`]: the group a creation made |
+//! | `m` · user id · group id | the user is a member of the group: its name |
 //!
 //! Integers are big-endian so that keys sort numerically: an inbox is one
 //! contiguous range in version order, which is what sync scans.
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Delivery, InboxEntry, MessageId, ShardId, UserId, Version};
+use crate::command::{OutboxRef, Role};
+use crate::{Delivery, GroupId, InboxEntry, MessageId, ShardId, UserId, Version};
 
 /// A registered user.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,10 +44,57 @@ pub(crate) struct SendReceipt {
     pub(crate) message_id: MessageId,
     pub(crate) version: Version,
     pub(crate) timestamp_ms: u64,
-    /// The outbox item carrying the sender's copy (0: none, the copy was
-    /// appended directly or the sender is the recipient).
+    /// The outbox items the send made (the sender's copy of a message to
+    /// one user; the fan-out of a group message).
     #[serde(default)]
-    pub(crate) outbox_item: u64,
+    pub(crate) fanout: Vec<OutboxRef>,
+}
+
+/// What a group creation made, kept to answer its retries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CreateReceipt {
+    pub(crate) group: GroupId,
+    pub(crate) fanout: Vec<OutboxRef>,
+}
+
+/// A group, as its shard keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// Its id.
+    pub id: GroupId,
+    /// Its name.
+    pub name: String,
+    /// The creator.
+    pub owner: UserId,
+    /// When it was created, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// True once the owner dissolved it.
+    pub dissolved: bool,
+    /// Its members, by user id.
+    pub members: Vec<Member>,
+}
+
+/// A member of a [`Group`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The user.
+    pub user: UserId,
+    /// The username as registered.
+    pub username: String,
+    /// What it may do.
+    pub role: Role,
+    /// The group sequence of the entry that made it a member.
+    pub joined_seq: u64,
+}
+
+impl Group {
+    /// `user`'s membership, if it is a member.
+    pub fn member(&self, user: UserId) -> Option<&Member> {
+        self.members
+            .binary_search_by_key(&user, |m| m.user)
+            .ok()
+            .map(|i| &self.members[i])
+    }
 }
 
 /// The session a named device holds, so a newer login of the same device
@@ -79,9 +131,42 @@ pub(crate) fn device(user: UserId, device: &str) -> Vec<u8> {
     key
 }
 
-/// `[from, to)` of every outbox item of a shard, in item order.
+/// `[from, to)` of every outbox item of a shard, by target, then item.
 pub fn outbox_range() -> (Vec<u8>, Vec<u8>) {
     (vec![b'o'], vec![b'p'])
+}
+
+/// `[from, to)` of the outbox items for `target` numbered above `after`.
+pub fn outbox_channel_range(target: ShardId, after: u64) -> (Vec<u8>, Vec<u8>) {
+    let from = match after.checked_add(1) {
+        Some(first) => outbox_item(target, first),
+        None => channel_end(target),
+    };
+    (from, channel_end(target))
+}
+
+fn channel_end(target: ShardId) -> Vec<u8> {
+    match target.checked_add(1) {
+        Some(next) => {
+            let mut key = vec![b'o'];
+            key.extend_from_slice(&next.to_be_bytes());
+            key
+        }
+        None => vec![b'p'],
+    }
+}
+
+/// The item an outbox key names (a key of [`outbox_range`]).
+pub fn outbox_ref(key: &[u8]) -> Option<OutboxRef> {
+    if key.len() != 13 || key[0] != b'o' {
+        return None;
+    }
+    let target: [u8; 4] = key[1..5].try_into().ok()?;
+    let item: [u8; 8] = key[5..13].try_into().ok()?;
+    Some(OutboxRef {
+        target: u32::from_be_bytes(target),
+        item: u64::from_be_bytes(item),
+    })
 }
 
 /// Decodes an outbox item (a value of [`outbox_range`]).
@@ -89,18 +174,52 @@ pub fn decode_delivery(bytes: &[u8]) -> Result<Delivery, DecodeError> {
     decode(bytes)
 }
 
-/// `[from, to)` of the delivery markers a shard holds for items `first..=last`
-/// of `source`'s outbox. The last 8 bytes of each key are the item number.
-pub fn received_range(source: ShardId, first: u64, last: u64) -> (Vec<u8>, Vec<u8>) {
-    let to = match last.checked_add(1) {
-        Some(next) => received(source, next),
-        None => received(source.saturating_add(1), 0),
-    };
-    (received(source, first), to)
+/// Key of the number of the last item of `source`'s channel a shard applied.
+pub fn channel_watermark_key(source: ShardId) -> Vec<u8> {
+    let mut key = vec![b'r'];
+    key.extend_from_slice(&source.to_be_bytes());
+    key
 }
 
-/// The item number in a key of [`received_range`].
-pub fn received_item(key: &[u8]) -> Option<u64> {
+/// Key of a group's record.
+pub fn group_key(group: GroupId) -> Vec<u8> {
+    with_u64(b'g', group)
+}
+
+/// Decodes a group's record (the value at [`group_key`]).
+pub fn decode_group(bytes: &[u8]) -> Result<Group, DecodeError> {
+    decode(bytes)
+}
+
+/// Key of a group's latest group sequence.
+pub fn group_seq_key(group: GroupId) -> Vec<u8> {
+    with_u64(b'q', group)
+}
+
+pub(crate) fn create_receipt(creator: UserId, request_key: &str) -> Vec<u8> {
+    let mut key = with_u64(b'c', creator);
+    key.extend_from_slice(request_key.as_bytes());
+    key
+}
+
+pub(crate) fn membership(user: UserId, group: GroupId) -> Vec<u8> {
+    let mut key = with_u64(b'm', user);
+    key.extend_from_slice(&group.to_be_bytes());
+    key
+}
+
+/// `[from, to)` of the groups `user` is a member of; each value is the
+/// group's name.
+pub fn memberships_range(user: UserId) -> (Vec<u8>, Vec<u8>) {
+    let to = match user.checked_add(1) {
+        Some(next) => with_u64(b'm', next),
+        None => vec![b'n'],
+    };
+    (with_u64(b'm', user), to)
+}
+
+/// The group a key of [`memberships_range`] names.
+pub fn membership_group(key: &[u8]) -> Option<GroupId> {
     let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
     Some(u64::from_be_bytes(tail))
 }
@@ -111,7 +230,8 @@ pub(crate) fn account(username: &str) -> Vec<u8> {
     key
 }
 
-pub(crate) fn user(user: UserId) -> Vec<u8> {
+/// Key of a user's registered username; present exactly when the user exists.
+pub fn user_key(user: UserId) -> Vec<u8> {
     with_u64(b'u', user)
 }
 
@@ -148,13 +268,10 @@ pub(crate) fn receipt(sender: UserId, client_msg_id: &str) -> Vec<u8> {
     key
 }
 
-pub(crate) fn outbox_item(item: u64) -> Vec<u8> {
-    with_u64(b'o', item)
-}
-
-pub(crate) fn received(source: ShardId, item: u64) -> Vec<u8> {
-    let mut key = vec![b'r'];
-    key.extend_from_slice(&source.to_be_bytes());
+pub(crate) fn outbox_item(target: ShardId, item: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(13);
+    key.push(b'o');
+    key.extend_from_slice(&target.to_be_bytes());
     key.extend_from_slice(&item.to_be_bytes());
     key
 }
@@ -207,5 +324,30 @@ mod tests {
             inbox_entry(7, 256) > inbox_entry(7, 255),
             "versions sort numerically"
         );
+    }
+
+    #[test]
+    fn a_channel_range_holds_later_items_for_that_target_only() {
+        let (from, to) = outbox_channel_range(3, 10);
+        assert!(outbox_item(3, 10) < from);
+        assert!(from <= outbox_item(3, 11) && outbox_item(3, u64::MAX) < to);
+        assert!(outbox_item(4, 1) >= to);
+        assert_eq!(
+            outbox_ref(&outbox_item(3, 11)),
+            Some(OutboxRef {
+                target: 3,
+                item: 11
+            })
+        );
+        let (from, to) = outbox_channel_range(u32::MAX, u64::MAX);
+        assert_eq!(from, to, "nothing follows the last item");
+    }
+
+    #[test]
+    fn a_memberships_range_holds_that_user_only() {
+        let (from, to) = memberships_range(7);
+        assert!(from <= membership(7, 1) && membership(7, u64::MAX) < to);
+        assert!(membership(8, 0) >= to);
+        assert_eq!(membership_group(&membership(7, 99)), Some(99));
     }
 }

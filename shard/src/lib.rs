@@ -21,11 +21,19 @@
 //! * **Revoked sessions** of its users (logout, a device's newer login), kept
 //!   until the session's token expires, and each named device's current
 //!   session.
-//! * **The outbox**: entries this shard committed that must reach another
-//!   shard (the sender's own copy of a message when the sender lives
-//!   elsewhere). Each item has a shard-local sequence number; the receiving
-//!   shard remembers (source shard, item) so delivery is idempotent, and the
-//!   source deletes an item once delivery is acknowledged.
+//! * **Groups** whose id maps to it: name, owner, members with roles, and
+//!   the group sequence that orders everything that happens in the group
+//!   (guarantee G5). A group message commits here first; its fan-out to the
+//!   members' inboxes goes through the outbox. Each user's list of groups
+//!   lives in the user's shard and follows the membership entries in the
+//!   user's inbox.
+//! * **The outbox**: entries this shard committed that must reach inboxes in
+//!   another shard (the sender's own copy of a message when the sender
+//!   lives elsewhere; a group entry for the members who live elsewhere).
+//!   Items form one channel per target shard, numbered 1, 2, 3, … The
+//!   target remembers the last item of each source it applied, so a channel
+//!   delivers exactly once and in order; the source deletes items once
+//!   delivery is acknowledged.
 //!
 //! # What it promises
 //!
@@ -41,17 +49,24 @@
 //! happens before a command is proposed; the shard stores the hash.
 
 mod command;
+mod groups;
 mod keys;
 mod machine;
 mod shard_map;
 
-pub use command::{Command, CommandError, Delivery, InboxEntry, Reply};
+pub use command::{
+    Command, CommandError, Delivery, DeliveryBatch, GroupChange, GroupEvent, GroupEventKind,
+    InboxEntry, NewMember, OutboxRef, Reply, Role,
+};
+pub use groups::{valid_group_name, MAX_GROUP_NAME};
 pub use keys::{
-    account_key, decode_account, decode_delivery, decode_entry, inbox_range, latest_version_key,
-    outbox_range, received_item, received_range, revoked_key, Account, DecodeError,
+    account_key, channel_watermark_key, decode_account, decode_delivery, decode_entry,
+    decode_group, group_key, group_seq_key, inbox_range, latest_version_key, membership_group,
+    memberships_range, outbox_channel_range, outbox_range, outbox_ref, revoked_key, user_key,
+    Account, DecodeError, Group, Member,
 };
 pub use machine::{valid_username, ChatMachine};
-pub use shard_map::{ShardId, ShardMap, UserId};
+pub use shard_map::{GroupId, ShardId, ShardMap, UserId};
 
 /// A position in one user's inbox: 1 for the first entry, then 2, 3, …
 pub type Version = u64;

@@ -2,26 +2,39 @@
 
 use fishchat_raft::{ApplyError, StateMachine, StateTxn};
 
-use crate::command::{Command, CommandError, Delivery, InboxEntry, Reply};
+use crate::command::{
+    Command, CommandError, Delivery, DeliveryBatch, GroupEventKind, InboxEntry, OutboxRef, Reply,
+};
 use crate::keys::{self, Account, DeviceSession, SendReceipt};
 use crate::{ShardId, ShardMap, UserId, Version};
 
 /// Longest accepted username, in characters.
 const MAX_USERNAME: usize = 32;
-/// Longest accepted client message id, in bytes.
+/// Longest accepted client message id (and group request key), in bytes.
 const MAX_CLIENT_MSG_ID: usize = 128;
+
+/// True when a client's id for a message or a group creation is 1 to 128
+/// bytes.
+pub(crate) fn valid_client_key(key: &str) -> bool {
+    (1..=MAX_CLIENT_MSG_ID).contains(&key.len())
+}
 
 /// Counter of user sequence numbers.
 const USERS: &str = "users";
 /// Counter of message sequence numbers.
 const MESSAGES: &str = "messages";
-/// Counter of outbox item sequence numbers.
-const OUTBOX: &str = "outbox";
+/// Where [`ChatMachine::distribute`] put an entry.
+pub(crate) struct Spread {
+    /// The outbox items carrying it to other shards, by target.
+    pub(crate) fanout: Vec<OutboxRef>,
+    /// The inboxes here it was appended to: (owner, version).
+    pub(crate) appended: Vec<(UserId, Version)>,
+}
 
 /// The state machine of shard `shard` of a cluster partitioned by `map`.
 pub struct ChatMachine {
-    shard: ShardId,
-    map: ShardMap,
+    pub(crate) shard: ShardId,
+    pub(crate) map: ShardMap,
 }
 
 impl ChatMachine {
@@ -63,7 +76,7 @@ impl ChatMachine {
             created_ms: now_ms,
         };
         state.put(&key, &keys::encode(&account));
-        state.put(&keys::user(user_id), username.as_bytes());
+        state.put(&keys::user_key(user_id), username.as_bytes());
         Ok(Reply::Registered { user_id })
     }
 
@@ -78,34 +91,26 @@ impl ChatMachine {
         content_type: String,
         now_ms: u64,
     ) -> Result<Reply, ApplyError> {
-        if client_msg_id.is_empty() || client_msg_id.len() > MAX_CLIENT_MSG_ID {
+        if !valid_client_key(&client_msg_id) {
             return Ok(Reply::Refused(CommandError::InvalidClientMessageId));
         }
         if self.map.shard_of_user(recipient) != self.shard {
             return Ok(self.wrong_shard(format!("user {recipient}")));
         }
         let receipt_key = keys::receipt(sender, &client_msg_id);
-        if let Some(bytes) = state.get(&receipt_key)? {
-            let first: SendReceipt = keys::decode(&bytes).map_err(corrupt)?;
-            let copy = match first.outbox_item {
-                0 => None,
-                item => match state.get(&keys::outbox_item(item))? {
-                    Some(bytes) => Some(keys::decode(&bytes).map_err(corrupt)?),
-                    None => None,
-                },
-            };
+        if let Some(first) = receipt(state, &receipt_key)? {
             return Ok(Reply::Sent {
                 message_id: first.message_id,
                 version: first.version,
                 timestamp_ms: first.timestamp_ms,
                 duplicate: true,
-                copy,
+                copy: first.fanout.first().copied(),
             });
         }
-        if state.get(&keys::user(recipient))?.is_none() {
+        if state.get(&keys::user_key(recipient))?.is_none() {
             return Ok(Reply::Refused(CommandError::UnknownUser(recipient)));
         }
-        let message_id = self.map.id_in_shard(self.shard, next(state, MESSAGES)?);
+        let message_id = self.next_message_id(state)?;
         let entry = InboxEntry {
             version: 0,
             message_id,
@@ -114,8 +119,11 @@ impl ChatMachine {
             body,
             content_type,
             timestamp_ms: now_ms,
+            group: 0,
+            group_seq: 0,
+            event: None,
         };
-        let version = append(state, recipient, entry.clone())?;
+        let version = receive(state, recipient, entry.clone())?;
         let copy = if sender == recipient {
             None
         } else {
@@ -125,7 +133,7 @@ impl ChatMachine {
             message_id,
             version,
             timestamp_ms: now_ms,
-            outbox_item: copy.as_ref().map_or(0, |c| c.item),
+            fanout: copy.into_iter().collect(),
         };
         state.put(&receipt_key, &keys::encode(&receipt));
         Ok(Reply::Sent {
@@ -144,20 +152,51 @@ impl ChatMachine {
         state: &mut dyn StateTxn,
         sender: UserId,
         entry: InboxEntry,
-    ) -> Result<Option<Delivery>, ApplyError> {
-        if self.map.shard_of_user(sender) == self.shard {
-            append(state, sender, entry)?;
-            return Ok(None);
+    ) -> Result<Option<OutboxRef>, ApplyError> {
+        let mut spread = self.distribute(state, &[sender], &entry)?;
+        Ok(spread.fanout.pop())
+    }
+
+    /// Puts `entry` in the inbox of every one of `owners`: at once for those
+    /// this shard owns, through one outbox item per other shard for the
+    /// rest.
+    pub(crate) fn distribute(
+        &self,
+        state: &mut dyn StateTxn,
+        owners: &[UserId],
+        entry: &InboxEntry,
+    ) -> Result<Spread, ApplyError> {
+        let mut by_target: std::collections::BTreeMap<ShardId, Vec<UserId>> = Default::default();
+        for &owner in owners {
+            by_target
+                .entry(self.map.shard_of_user(owner))
+                .or_default()
+                .push(owner);
         }
-        let item = next(state, OUTBOX)?;
-        let delivery = Delivery {
-            source: self.shard,
-            item,
-            owner: sender,
-            entry,
-        };
-        state.put(&keys::outbox_item(item), &keys::encode(&delivery));
-        Ok(Some(delivery))
+        let mut fanout = Vec::new();
+        let mut appended = Vec::new();
+        for (target, owners) in by_target {
+            if target == self.shard {
+                for owner in owners {
+                    appended.push((owner, receive(state, owner, entry.clone())?));
+                }
+                continue;
+            }
+            let item = next(state, &channel_counter(target))?;
+            let delivery = Delivery {
+                item,
+                owners,
+                entry: entry.clone(),
+            };
+            state.put(&keys::outbox_item(target, item), &keys::encode(&delivery));
+            fanout.push(OutboxRef { target, item });
+        }
+        Ok(Spread { fanout, appended })
+    }
+
+    /// A new cluster-wide message id.
+    pub(crate) fn next_message_id(&self, state: &mut dyn StateTxn) -> Result<u64, ApplyError> {
+        Ok(self.map.id_in_shard(self.shard, next(state, MESSAGES)?))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -202,21 +241,50 @@ impl ChatMachine {
         Ok(Reply::SessionOpened { replaced })
     }
 
-    fn deliver(&self, state: &mut dyn StateTxn, delivery: Delivery) -> Result<Reply, ApplyError> {
-        if self.map.shard_of_user(delivery.owner) != self.shard {
-            return Ok(self.wrong_shard(format!("user {}", delivery.owner)));
+    /// Applies the items of `batch` this shard has not applied yet, in
+    /// order; refuses (changing nothing) a batch that would leave a hole.
+    fn deliver(&self, state: &mut dyn StateTxn, batch: DeliveryBatch) -> Result<Reply, ApplyError> {
+        for (i, delivery) in batch.items.iter().enumerate() {
+            if let Some(&owner) = delivery
+                .owners
+                .iter()
+                .find(|&&o| self.map.shard_of_user(o) != self.shard)
+            {
+                return Ok(self.wrong_shard(format!("user {owner}")));
+            }
+            let first = batch.items[0].item;
+            if delivery.item != first.saturating_add(i as u64) {
+                return Ok(Reply::Refused(CommandError::Malformed(
+                    "delivery batch items are not consecutive".into(),
+                )));
+            }
         }
-        let marker = keys::received(delivery.source, delivery.item);
-        if let Some(bytes) = state.get(&marker)? {
-            let version = keys::decode_u64(&bytes).map_err(corrupt)?;
-            return Ok(Reply::Delivered { version });
+        let watermark_key = keys::channel_watermark_key(batch.source);
+        let mut through = read_u64(state, &watermark_key)?;
+        if let Some(first) = batch.items.first() {
+            if first.item > through.saturating_add(1) {
+                return Ok(Reply::Refused(CommandError::OutOfOrder {
+                    source_shard: batch.source,
+                    expected: through.saturating_add(1),
+                    got: first.item,
+                }));
+            }
         }
-        let version = append(state, delivery.owner, delivery.entry)?;
-        state.put(&marker, &version.to_be_bytes());
-        Ok(Reply::Delivered { version })
+        let mut appended = Vec::new();
+        for delivery in batch.items {
+            if delivery.item <= through {
+                continue;
+            }
+            for owner in delivery.owners {
+                appended.push((owner, receive(state, owner, delivery.entry.clone())?));
+            }
+            through = delivery.item;
+        }
+        state.put(&watermark_key, &through.to_be_bytes());
+        Ok(Reply::Delivered { through, appended })
     }
 
-    fn wrong_shard(&self, what: String) -> Reply {
+    pub(crate) fn wrong_shard(&self, what: String) -> Reply {
         Reply::Refused(CommandError::WrongShard {
             shard: self.shard,
             what,
@@ -252,10 +320,10 @@ impl StateMachine for ChatMachine {
                 content_type,
                 now_ms,
             )?,
-            Command::Deliver(delivery) => self.deliver(state, delivery)?,
+            Command::Deliver(batch) => self.deliver(state, batch)?,
             Command::OutboxDone { items } => {
-                for item in items {
-                    state.delete(&keys::outbox_item(item));
+                for OutboxRef { target, item } in items {
+                    state.delete(&keys::outbox_item(target, item));
                 }
                 Reply::Forgotten
             }
@@ -278,42 +346,114 @@ impl StateMachine for ChatMachine {
                     Reply::Revoked
                 }
             }
+            Command::CreateGroup {
+                creator,
+                request_key,
+                name,
+                members,
+                max_members,
+                now_ms,
+            } => self.create_group(
+                state,
+                creator,
+                request_key,
+                name,
+                members,
+                max_members,
+                now_ms,
+            )?,
+            Command::ChangeGroup {
+                actor,
+                group,
+                change,
+                max_members,
+                now_ms,
+            } => self.change_group(state, actor, group, change, max_members, now_ms)?,
+            Command::GroupSend {
+                sender,
+                group,
+                client_msg_id,
+                body,
+                content_type,
+                now_ms,
+            } => self.group_send(
+                state,
+                sender,
+                group,
+                client_msg_id,
+                body,
+                content_type,
+                now_ms,
+            )?,
         };
         Ok(reply.encode())
     }
 }
 
-/// Appends `entry` to `owner`'s inbox under the next version, and returns it.
-fn append(
+/// Appends `entry` to `owner`'s inbox under the next version, and returns
+/// it. A group membership entry also updates the owner's list of groups, so
+/// that list always matches what the inbox says.
+fn receive(
     state: &mut dyn StateTxn,
     owner: UserId,
     mut entry: InboxEntry,
 ) -> Result<Version, ApplyError> {
     let latest_key = keys::latest_version_key(owner);
-    let latest = match state.get(&latest_key)? {
-        Some(bytes) => keys::decode_u64(&bytes).map_err(corrupt)?,
-        None => 0,
-    };
-    let version = latest + 1;
+    let version = read_u64(state, &latest_key)? + 1;
     entry.version = version;
+    if entry.group != 0 {
+        // One entry serves every member: here it is the owner's.
+        entry.to = owner;
+    }
+    if let Some(event) = &entry.event {
+        let membership = keys::membership(owner, entry.group);
+        match event.kind {
+            GroupEventKind::Created => state.put(&membership, event.group_name.as_bytes()),
+            GroupEventKind::Added if event.user == owner => {
+                state.put(&membership, event.group_name.as_bytes())
+            }
+            GroupEventKind::Removed | GroupEventKind::Left if event.user == owner => {
+                state.delete(&membership)
+            }
+            GroupEventKind::Dissolved => state.delete(&membership),
+            _ => {}
+        }
+    }
     state.put(&keys::inbox_entry(owner, version), &keys::encode(&entry));
     state.put(&latest_key, &version.to_be_bytes());
     Ok(version)
 }
 
+/// The receipt stored at `key`, if any.
+pub(crate) fn receipt(state: &dyn StateTxn, key: &[u8]) -> Result<Option<SendReceipt>, ApplyError> {
+    match state.get(key)? {
+        Some(bytes) => Ok(Some(keys::decode(&bytes).map_err(corrupt)?)),
+        None => Ok(None),
+    }
+}
+
+/// The big-endian number at `key`; 0 when absent.
+pub(crate) fn read_u64(state: &dyn StateTxn, key: &[u8]) -> Result<u64, ApplyError> {
+    match state.get(key)? {
+        Some(bytes) => keys::decode_u64(&bytes).map_err(corrupt),
+        None => Ok(0),
+    }
+}
+
+/// The counter of the outbox channel to `target`.
+fn channel_counter(target: ShardId) -> String {
+    format!("outbox/{target}")
+}
+
 /// Takes the next number (1, 2, …) of the counter `name`.
-fn next(state: &mut dyn StateTxn, name: &str) -> Result<u64, ApplyError> {
+pub(crate) fn next(state: &mut dyn StateTxn, name: &str) -> Result<u64, ApplyError> {
     let key = keys::counter(name);
-    let current = match state.get(&key)? {
-        Some(bytes) => keys::decode_u64(&bytes).map_err(corrupt)?,
-        None => 0,
-    };
-    let taken = current + 1;
+    let taken = read_u64(state, &key)? + 1;
     state.put(&key, &taken.to_be_bytes());
     Ok(taken)
 }
 
-fn corrupt(e: keys::DecodeError) -> ApplyError {
+pub(crate) fn corrupt(e: keys::DecodeError) -> ApplyError {
     ApplyError::Corrupt(e.to_string())
 }
 

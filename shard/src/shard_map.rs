@@ -10,6 +10,10 @@ pub type ShardId = u32;
 /// A user's numeric id, assigned by the shard that owns the user.
 pub type UserId = u64;
 
+/// A group's numeric id, assigned by the shard that owns the group (its own
+/// numbering: a group and a user may have the same number).
+pub type GroupId = u64;
+
 /// The fixed partition of users over shards, chosen when the cluster is
 /// initialised and never changed afterwards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +44,22 @@ impl ShardMap {
         (hash % u64::from(self.shards)) as ShardId
     }
 
-    /// The `sequence`-th id issued by `shard` (users and messages alike).
+    /// The shard that owns group `group`: the residue its id was assigned with.
+    pub fn shard_of_group(&self, group: GroupId) -> ShardId {
+        (group % u64::from(self.shards)) as ShardId
+    }
+
+    /// The shard that creates (and so owns) the group `creator` asks for
+    /// under `request_key`: a retry reaches the same shard, which recognises
+    /// it, and groups spread over all shards.
+    pub fn shard_of_group_request(&self, creator: UserId, request_key: &str) -> ShardId {
+        let mut hasher = fnv::FnvHasher::default();
+        hasher.write(&creator.to_be_bytes());
+        hasher.write(request_key.as_bytes());
+        (hasher.finish() % u64::from(self.shards)) as ShardId
+    }
+
+    /// The `sequence`-th id issued by `shard` (users, groups and messages).
     pub fn id_in_shard(&self, shard: ShardId, sequence: u64) -> u64 {
         sequence * u64::from(self.shards) + u64::from(shard)
     }

@@ -1,104 +1,11 @@
 //! The chat state machine on its own: every command applied to an in-memory
 //! key-value state, with no Raft, RocksDB or network.
 
-use fishchat_raft::{MemoryState, StateMachine};
-use fishchat_shard::{
-    decode_entry, inbox_range, latest_version_key, revoked_key, ChatMachine, Command, CommandError,
-    Delivery, InboxEntry, Reply, ShardId, ShardMap, UserId,
-};
+use fishchat_shard::{revoked_key, Command, CommandError, DeliveryBatch, OutboxRef, Reply, UserId};
 
-/// What the tests read from a shard's in-memory state.
-trait ShardView {
-    /// What a sync of `user` since `since` reads.
-    fn inbox(&self, user: UserId, since: u64) -> Vec<InboxEntry>;
-    /// The latest version of `user`'s inbox.
-    fn latest(&self, user: UserId) -> u64;
-    /// The outbox items waiting for delivery, in item order.
-    fn outbox(&self) -> Vec<Delivery>;
-}
+mod common;
 
-impl ShardView for MemoryState {
-    fn inbox(&self, user: UserId, since: u64) -> Vec<InboxEntry> {
-        let (from, to) = inbox_range(user, since);
-        self.0
-            .range(from..to)
-            .map(|(_, v)| decode_entry(v).expect("stored entries decode"))
-            .collect()
-    }
-
-    fn latest(&self, user: UserId) -> u64 {
-        self.0
-            .get(&latest_version_key(user))
-            .map(|b| u64::from_be_bytes(b.as_slice().try_into().expect("8 bytes")))
-            .unwrap_or(0)
-    }
-
-    fn outbox(&self) -> Vec<Delivery> {
-        self.0
-            .range(b"o".to_vec()..b"p".to_vec())
-            .map(|(_, v)| rmp_serde::from_slice(v).expect("outbox items decode"))
-            .collect()
-    }
-}
-
-/// One shard of a cluster of `SHARDS`, with its state.
-struct Shard {
-    id: ShardId,
-    machine: ChatMachine,
-    state: MemoryState,
-}
-
-const SHARDS: u32 = 4;
-
-fn map() -> ShardMap {
-    ShardMap::new(SHARDS).expect("non-zero")
-}
-
-impl Shard {
-    fn new(id: ShardId) -> Self {
-        Self {
-            id,
-            machine: ChatMachine::new(id, map()),
-            state: MemoryState::default(),
-        }
-    }
-
-    fn apply(&mut self, command: &Command) -> Reply {
-        self.apply_bytes(&command.encode())
-    }
-
-    fn apply_bytes(&mut self, bytes: &[u8]) -> Reply {
-        let answer = self
-            .machine
-            .apply(bytes, &mut self.state)
-            .expect("in-memory state does not fail");
-        Reply::decode(&answer).expect("replies decode")
-    }
-
-    /// Registers a user whose name hashes to this shard; returns its id.
-    fn register(&mut self, hint: &str) -> UserId {
-        let name = name_in_shard(self.id, hint);
-        match self.apply(&register(&name)) {
-            Reply::Registered { user_id } => user_id,
-            other => panic!("register {name}: {other:?}"),
-        }
-    }
-}
-
-fn name_in_shard(shard: ShardId, hint: &str) -> String {
-    (0..)
-        .map(|i| format!("{hint}{i}"))
-        .find(|name| map().shard_of_username(name) == shard)
-        .expect("some name hashes to every shard")
-}
-
-fn register(name: &str) -> Command {
-    Command::Register {
-        username: name.into(),
-        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
-        now_ms: 1_000,
-    }
-}
+use common::{map, name_in_shard, register, Shard, ShardView};
 
 fn send(sender: UserId, client_msg_id: &str, recipient: UserId, body: &str) -> Command {
     Command::Send {
@@ -232,11 +139,15 @@ fn a_sender_in_another_shard_gets_its_copy_through_the_outbox_exactly_once() {
     let outbox = bobs.state.outbox();
     assert_eq!(outbox.len(), 1);
     let delivery = outbox[0].clone();
-    assert_eq!((delivery.source, delivery.owner), (1, alice));
+    assert_eq!(delivery.owners, vec![alice]);
+    let item = OutboxRef {
+        target: 3,
+        item: delivery.item,
+    };
     assert_eq!(
-        copy.as_ref(),
-        Some(&delivery),
-        "the reply carries the copy for the proposer to deliver"
+        copy,
+        Some(item),
+        "the reply names the copy for the proposer to deliver"
     );
     let Reply::Sent {
         copy: retried_copy,
@@ -246,20 +157,28 @@ fn a_sender_in_another_shard_gets_its_copy_through_the_outbox_exactly_once() {
     else {
         panic!("a retry is answered as a duplicate");
     };
-    assert_eq!(
-        retried_copy,
-        Some(delivery.clone()),
-        "a retry carries the undelivered copy too"
-    );
+    assert_eq!(retried_copy, Some(item), "a retry names the copy too");
 
-    // Delivered twice (a retry after a lost acknowledgement): one copy,
-    // and both answers name its version.
-    for _ in 0..2 {
-        assert_eq!(
-            alices.apply(&Command::Deliver(delivery.clone())),
-            Reply::Delivered { version: 1 }
-        );
-    }
+    // Delivered twice (a retry after a lost acknowledgement): one copy.
+    let batch = DeliveryBatch {
+        source: 1,
+        items: vec![delivery.clone()],
+    };
+    assert_eq!(
+        alices.apply(&Command::Deliver(batch.clone())),
+        Reply::Delivered {
+            through: 1,
+            appended: vec![(alice, 1)]
+        }
+    );
+    assert_eq!(
+        alices.apply(&Command::Deliver(batch)),
+        Reply::Delivered {
+            through: 1,
+            appended: vec![]
+        },
+        "a repeat appends nothing"
+    );
     let copies = alices.state.inbox(alice, 0);
     assert_eq!(copies.len(), 1);
     assert_eq!(copies[0].message_id, message_id);
@@ -267,15 +186,71 @@ fn a_sender_in_another_shard_gets_its_copy_through_the_outbox_exactly_once() {
     assert_eq!((copies[0].from, copies[0].to), (alice, bob));
 
     assert_eq!(
-        bobs.apply(&Command::OutboxDone {
-            items: vec![delivery.item]
-        }),
+        bobs.apply(&Command::OutboxDone { items: vec![item] }),
         Reply::Forgotten
     );
     assert!(
         bobs.state.outbox().is_empty(),
         "a delivered item leaves the outbox"
     );
+}
+
+#[test]
+fn a_channel_applies_items_once_in_order_and_refuses_a_hole() {
+    let mut bobs = Shard::new(1);
+    let mut alices = Shard::new(3);
+    let bob = bobs.register("bob");
+    let alice = alices.register("alice");
+    for i in 0..3 {
+        bobs.apply(&send(alice, &format!("c{i}"), bob, &format!("m{i}")));
+    }
+    let items = bobs.state.outbox();
+    assert_eq!(
+        items.iter().map(|d| d.item).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let before = alices.state.clone();
+    assert_eq!(
+        alices.apply(&Command::Deliver(DeliveryBatch {
+            source: 1,
+            items: items[1..].to_vec(),
+        })),
+        Reply::Refused(CommandError::OutOfOrder {
+            source_shard: 1,
+            expected: 1,
+            got: 2
+        })
+    );
+    assert!(matches!(
+        alices.apply(&Command::Deliver(DeliveryBatch {
+            source: 1,
+            items: vec![items[0].clone(), items[2].clone()],
+        })),
+        Reply::Refused(CommandError::Malformed(_))
+    ));
+    assert_eq!(alices.state, before, "a refused batch changes nothing");
+    // Overlapping batches, as two deliverers racing would send them.
+    alices.apply(&Command::Deliver(DeliveryBatch {
+        source: 1,
+        items: items[..2].to_vec(),
+    }));
+    assert_eq!(
+        alices.apply(&Command::Deliver(DeliveryBatch {
+            source: 1,
+            items: items.clone(),
+        })),
+        Reply::Delivered {
+            through: 3,
+            appended: vec![(alice, 3)]
+        }
+    );
+    let bodies: Vec<_> = alices
+        .state
+        .inbox(alice, 0)
+        .into_iter()
+        .map(|e| String::from_utf8(e.body).expect("utf-8"))
+        .collect();
+    assert_eq!(bodies, ["m0", "m1", "m2"], "once each, in commit order");
 }
 
 #[test]

@@ -4,9 +4,12 @@
 //!
 //! It speaks just enough of docs/protocol.md to exercise the client:
 //! register, login (with push stream and first Notify), logout, lookup,
-//! ping, send (with client_msg_id dedup) and sync (paged).
+//! ping, send (with client_msg_id dedup), sync (paged), and the group
+//! operations (`groups.rs`).
 
 #![allow(dead_code)]
+
+mod groups;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -37,6 +40,9 @@ pub enum Fault {
     Answer(Error),
     /// Never answered; the stream is left open until the client gives up.
     Silence,
+    /// Carried out as usual, but the answer is lost: never sent, as if the
+    /// node crashed after committing.
+    AnswerLost,
 }
 
 /// A retryable error as the server would send it.
@@ -56,6 +62,7 @@ struct World {
     revoked: HashSet<String>,
     inboxes: HashMap<u64, Vec<InboxEntry>>,
     sent: HashMap<(u64, String), SendResponse>,
+    groups: groups::Groups,
     next_message_id: u64,
     pushes: HashMap<u64, Vec<mpsc::Sender<Push>>>,
     faults: VecDeque<Fault>,
@@ -94,6 +101,20 @@ impl FakeCluster {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The requests of one kind received so far, retries included, in
+    /// order: `pick` chooses the kind.
+    pub fn requests<T>(&self, pick: impl Fn(request::Body) -> Option<T>) -> Vec<T> {
+        self.seen()
+            .into_iter()
+            .filter_map(|(_, r)| r.body.and_then(&pick))
+            .collect()
+    }
+
+    /// Lowers the largest group size (owner included; default 1000).
+    pub fn set_max_group_size(&self, members: usize) {
+        self.world().groups.max_members = members;
     }
 
     /// The addresses Login answers with.
@@ -192,8 +213,10 @@ impl FakeCluster {
         let id = request.request_id;
         let mut world = self.world();
         world.seen.push((node, request.clone()));
+        let mut answer_lost = false;
         match world.faults.pop_front() {
             Some(Fault::Silence) => return None,
+            Some(Fault::AnswerLost) => answer_lost = true,
             Some(Fault::Answer(e)) => {
                 return Some(Response {
                     request_id: id,
@@ -291,32 +314,22 @@ impl FakeCluster {
                     again.duplicate = true;
                     response::Body::Send(again)
                 } else {
-                    world.next_message_id += 1;
-                    world.clock += 1;
-                    let message_id = world.next_message_id;
-                    let timestamp_ms = 1_700_000_000_000 + world.clock;
-                    let append = |world: &mut World, owner: u64| {
-                        let inbox = world.inboxes.entry(owner).or_default();
-                        let version = inbox.len() as u64 + 1;
-                        inbox.push(InboxEntry {
-                            version,
-                            message_id,
-                            sender_id: sender,
-                            recipient_id: s.recipient_id,
-                            body: s.body.clone(),
-                            content_type: s.content_type.clone(),
-                            timestamp_ms,
-                            group_id: 0,
-                            group_seq: 0,
-                        });
-                        for tx in world.pushes.get(&owner).into_iter().flatten() {
-                            let _ = tx.try_send(notify(version));
-                        }
-                        version
+                    let (message_id, timestamp_ms) = world.next_message();
+                    let entry = InboxEntry {
+                        version: 0,
+                        message_id,
+                        sender_id: sender,
+                        recipient_id: s.recipient_id,
+                        body: s.body.clone(),
+                        content_type: s.content_type.clone(),
+                        timestamp_ms,
+                        group_id: 0,
+                        group_seq: 0,
+                        group_event: None,
                     };
-                    let version = append(&mut world, s.recipient_id);
+                    let version = world.append(s.recipient_id, entry.clone());
                     if sender != s.recipient_id {
-                        append(&mut world, sender);
+                        world.append(sender, entry);
                     }
                     let answer = SendResponse {
                         message_id,
@@ -345,7 +358,16 @@ impl FakeCluster {
                     more: last < latest,
                 })
             }
+            Some(group_request) => {
+                match groups::answer(&mut world, user.unwrap_or(0), group_request) {
+                    Ok(body) => body,
+                    Err(code) => return Some(error(id, code, false)),
+                }
+            }
         };
+        if answer_lost {
+            return None;
+        }
         Some(Response {
             request_id: id,
             body: Some(body),
@@ -363,6 +385,34 @@ impl FakeCluster {
                 })),
             });
         }
+    }
+}
+
+impl World {
+    /// Appends `entry` to `owner`'s inbox under the next version, notifies
+    /// `owner`'s sessions, and returns the version.
+    fn append(&mut self, owner: u64, mut entry: InboxEntry) -> u64 {
+        let inbox = self.inboxes.entry(owner).or_default();
+        let version = inbox.len() as u64 + 1;
+        entry.version = version;
+        inbox.push(entry);
+        for tx in self.pushes.get(&owner).into_iter().flatten() {
+            let _ = tx.try_send(notify(version));
+        }
+        version
+    }
+
+    /// The username of `user_id`, if it exists.
+    fn username(&self, user_id: u64) -> Option<&str> {
+        let index = usize::try_from(user_id.checked_sub(1)?).ok()?;
+        self.users.get(index).map(|(name, _)| name.as_str())
+    }
+
+    /// A fresh message id and timestamp.
+    fn next_message(&mut self) -> (u64, u64) {
+        self.next_message_id += 1;
+        self.clock += 1;
+        (self.next_message_id, 1_700_000_000_000 + self.clock)
     }
 }
 

@@ -3,9 +3,11 @@
 //! Every command but `register` and `status` logs in first. Output is
 //! human text, or one JSON object per line with `--json`. Errors go to
 //! stderr with their code; the exit status is 1 for a failure and 2 for a
-//! usage error.
+//! usage error. The `group` commands live in `groups.rs`.
 
+mod groups;
 mod output;
+mod session;
 mod settings;
 mod status;
 
@@ -13,11 +15,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fishchat_client::proto::{kick, ErrorCode, InboxEntry};
+use fishchat_client::proto::kick;
 use fishchat_client::{new_client_msg_id, Client, ClientConfig, ClientError, TEXT_PLAIN};
 use tokio::sync::mpsc;
 
-use output::Names;
+use groups::GroupCommand;
+use session::Session;
 use settings::{GlobalArgs, Settings};
 
 /// The FishChat command-line client.
@@ -61,6 +64,11 @@ enum Command {
     Chat {
         /// The other user's username (or numeric user id).
         peer: String,
+    },
+    /// Create, change, list and send to groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
     },
     /// Print a node's shards (its admin API's GET /status) as a table.
     Status {
@@ -127,67 +135,25 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Register => register(&settings).await,
         Command::Send { to, text } => {
             let mut session = Session::open(&settings).await?;
+            let recipient = session.resolve(&to).await?;
             let text = (!text.is_empty()).then(|| text.join(" "));
-            send(&mut session, &to, text).await
+            send(&session, Target::User(recipient), text).await
         }
         Command::Sync { since, limit } => {
-            let session = Session::open(&settings).await?;
-            sync(&session, since, limit).await
+            let mut session = Session::open(&settings).await?;
+            sync(&mut session, since, limit).await
         }
         Command::Watch { since } => {
-            let session = Session::open(&settings).await?;
-            watch(&session, since).await
+            let mut session = Session::open(&settings).await?;
+            watch(&mut session, since).await
         }
         Command::Chat { peer } => {
             let session = Session::open(&settings).await?;
             chat(session, &peer).await
         }
-    }
-}
-
-/// A logged-in client and what the output needs to know.
-struct Session {
-    client: Client,
-    user_id: u64,
-    names: Names,
-    json: bool,
-}
-
-impl Session {
-    async fn open(settings: &Settings) -> anyhow::Result<Session> {
-        let (user, password) = settings.credentials().map_err(UsageError)?;
-        let client = connect(settings).await?;
-        let login = client.login(user, password, None).await.context("login")?;
-        let mut names = Names::default();
-        names.learn(login.user_id, user);
-        Ok(Session {
-            client,
-            user_id: login.user_id,
-            names,
-            json: settings.json,
-        })
-    }
-
-    /// The user id of `who`: a username, or else a number taken as an id.
-    async fn resolve(&mut self, who: &str) -> anyhow::Result<u64> {
-        match self.client.lookup(who).await {
-            Ok(found) => {
-                self.names.learn(found.user_id, &found.username);
-                Ok(found.user_id)
-            }
-            Err(e) if e.code() == Some(ErrorCode::UnknownUser) => match who.parse::<u64>() {
-                Ok(user_id) => Ok(user_id),
-                Err(_) => Err(anyhow::Error::new(e).context(format!("no user {who:?}"))),
-            },
-            Err(e) => Err(anyhow::Error::new(e).context(format!("looking up {who:?}"))),
-        }
-    }
-
-    fn print_entry(&self, entry: &InboxEntry) {
-        if self.json {
-            println!("{}", output::entry_json(entry));
-        } else {
-            println!("{}", output::entry_text(entry, &self.names));
+        Command::Group { command } => {
+            let session = Session::open(&settings).await?;
+            groups::run(session, command).await
         }
     }
 }
@@ -216,16 +182,26 @@ async fn register(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn send(session: &mut Session, to: &str, text: Option<String>) -> anyhow::Result<()> {
-    let recipient = session.resolve(to).await?;
+/// Where `send` and `group send` send.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// One user, by id.
+    User(u64),
+    /// A group, by id.
+    Group(u64),
+}
+
+/// Sends `text` to `target`; without text, each non-empty line of stdin as
+/// a message of its own, each after the previous one was answered.
+async fn send(session: &Session, target: Target, text: Option<String>) -> anyhow::Result<()> {
     match text {
-        Some(text) => send_one(session, recipient, text).await?,
+        Some(text) => send_one(session, target, text).await?,
         None => {
             let mut lines = stdin_lines();
             while let Some(line) = lines.recv().await {
                 let line = line.context("reading stdin")?;
                 if !line.trim().is_empty() {
-                    send_one(session, recipient, line).await?;
+                    send_one(session, target, line).await?;
                 }
             }
         }
@@ -234,24 +210,42 @@ async fn send(session: &mut Session, to: &str, text: Option<String>) -> anyhow::
     Ok(())
 }
 
-/// Sends `text` to `recipient` under a fresh client message id; prints the
+/// Sends `text` to `target` under a fresh client message id; prints the
 /// answer.
-async fn send_one(session: &Session, recipient: u64, text: String) -> anyhow::Result<()> {
+async fn send_one(session: &Session, target: Target, text: String) -> anyhow::Result<()> {
     let id = new_client_msg_id()?;
-    let sent = session
-        .client
-        .send(recipient, &id, text.into_bytes(), TEXT_PLAIN)
-        .await
-        .context("send")?;
-    if session.json {
-        println!("{}", output::sent_json(&sent, recipient));
-    } else {
-        println!("{}", output::sent_text(&sent, recipient, &session.names));
-    }
+    let body = text.into_bytes();
+    let line = match target {
+        Target::User(recipient) => {
+            let sent = session
+                .client
+                .send(recipient, &id, body, TEXT_PLAIN)
+                .await
+                .context("send")?;
+            if session.json {
+                output::sent_json(&sent, recipient)
+            } else {
+                output::sent_text(&sent, recipient, &session.names)
+            }
+        }
+        Target::Group(group_id) => {
+            let sent = session
+                .client
+                .send_group(group_id, &id, body, TEXT_PLAIN)
+                .await
+                .context("send to group")?;
+            if session.json {
+                output::group_sent_json(&sent, group_id)
+            } else {
+                output::group_sent_text(&sent, group_id)
+            }
+        }
+    };
+    println!("{line}");
     Ok(())
 }
 
-async fn sync(session: &Session, since: u64, limit: Option<u32>) -> anyhow::Result<()> {
+async fn sync(session: &mut Session, since: u64, limit: Option<u32>) -> anyhow::Result<()> {
     let entries = match limit {
         Some(limit) => {
             session
@@ -264,13 +258,13 @@ async fn sync(session: &Session, since: u64, limit: Option<u32>) -> anyhow::Resu
         None => session.client.sync_all(since).await.context("sync")?,
     };
     for entry in &entries {
-        session.print_entry(entry);
+        session.print_entry(entry).await;
     }
     session.client.close();
     Ok(())
 }
 
-async fn watch(session: &Session, since: Option<u64>) -> anyhow::Result<()> {
+async fn watch(session: &mut Session, since: Option<u64>) -> anyhow::Result<()> {
     let start = match since {
         Some(since) => since,
         None => session.client.latest_version().await.context("sync")?,
@@ -281,7 +275,7 @@ async fn watch(session: &Session, since: Option<u64>) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             entry = incoming.recv() => match entry {
-                Some(entry) => session.print_entry(&entry),
+                Some(entry) => session.print_entry(&entry).await,
                 None => return session_ended(&session.client),
             },
             _ = tokio::signal::ctrl_c() => {
@@ -302,7 +296,7 @@ async fn chat(mut session: Session, peer: &str) -> anyhow::Result<()> {
     let printer = tokio::spawn(async move {
         while let Some(entry) = incoming.recv().await {
             if entry.sender_id == peer_id && (entry.recipient_id == me || entry.group_id != 0) {
-                session.print_entry(&entry);
+                session.print_entry(&entry).await;
             }
         }
     });
@@ -390,6 +384,8 @@ fn stdin_lines() -> mpsc::Receiver<std::io::Result<String>> {
 
 #[cfg(test)]
 mod tests {
+    use fishchat_client::proto::ErrorCode;
+
     use super::*;
 
     #[test]
@@ -412,6 +408,79 @@ mod tests {
         ));
         assert!(Cli::try_parse_from(["fishchat"]).is_err());
         assert!(Cli::try_parse_from(["fishchat", "chat"]).is_err());
+    }
+
+    #[test]
+    fn group_commands_parse_with_their_options() {
+        let parse = |argv: &[&str]| match Cli::try_parse_from(argv).map(|cli| cli.command) {
+            Ok(Command::Group { command }) => command,
+            other => panic!("{argv:?} parsed as {other:?}"),
+        };
+        match parse(&[
+            "fishchat",
+            "group",
+            "create",
+            "team",
+            "--members",
+            "bob,carol",
+        ]) {
+            GroupCommand::Create { name, members } => {
+                assert_eq!(name, "team");
+                assert_eq!(members, vec!["bob", "carol"]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(matches!(
+            parse(&["fishchat", "group", "create", "solo"]),
+            GroupCommand::Create { members, .. } if members.is_empty()
+        ));
+        assert!(matches!(
+            parse(&["fishchat", "group", "add", "12", "bob", "--admin"]),
+            GroupCommand::Add { group: 12, member, admin: true } if member == "bob"
+        ));
+        assert!(matches!(
+            parse(&["fishchat", "group", "remove", "12", "bob"]),
+            GroupCommand::Remove { group: 12, .. }
+        ));
+        assert!(matches!(
+            parse(&["fishchat", "group", "leave", "12"]),
+            GroupCommand::Leave { group: 12 }
+        ));
+        assert!(matches!(
+            parse(&["fishchat", "group", "dissolve", "12"]),
+            GroupCommand::Dissolve { group: 12 }
+        ));
+        assert!(matches!(
+            parse(&["fishchat", "group", "members", "12", "--json"]),
+            GroupCommand::Members { group: 12 }
+        ));
+        assert!(matches!(
+            parse(&["fishchat", "group", "list"]),
+            GroupCommand::List
+        ));
+        assert!(matches!(
+            parse(&["fishchat", "group", "send", "12", "hi", "all"]),
+            GroupCommand::Send { group: 12, text } if text == ["hi", "all"]
+        ));
+        assert!(Cli::try_parse_from(["fishchat", "group", "add", "team", "bob"]).is_err());
+        assert!(Cli::try_parse_from(["fishchat", "group"]).is_err());
+    }
+
+    #[test]
+    fn a_group_members_username_does_not_replace_the_global_user() {
+        for command in ["add", "remove"] {
+            let cli =
+                Cli::try_parse_from(["fishchat", "--user", "alice", "group", command, "1", "bob"])
+                    .expect("parses");
+            let settings = Settings::resolve(&cli.global, |_| None);
+            assert_eq!(settings.user.as_deref(), Some("alice"), "group {command}");
+            match cli.command {
+                Command::Group {
+                    command: GroupCommand::Add { member, .. } | GroupCommand::Remove { member, .. },
+                } => assert_eq!(member, "bob"),
+                other => panic!("parsed as {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,213 @@
+//! The courier: carries outbox items from the shard that committed them to
+//! the shard whose inboxes they are for.
+//!
+//! Each (source, target) pair of shards is one channel: the source numbers
+//! its items for the target 1, 2, 3, … and the target applies them exactly
+//! once and in that order (`fishchat_shard::DeliveryBatch`). On this node
+//! one worker task per channel does the carrying, so however many requests
+//! wait for items of one channel, each round is one scan of the source's
+//! outbox and one Raft command at the target carrying every item due: a
+//! burst of sends costs one delivery, not one per message.
+//!
+//! Anyone may ask for an item: the proposer of a send (and waits, for
+//! read-your-writes), the proposer of a group entry (and does not wait for
+//! other members), the outbox pump (for what a crashed proposer left).
+//! Workers on different nodes may carry the same items at once; the target
+//! applies each once, so that race costs a command, never a duplicate.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fishchat_raft::GroupHost;
+use fishchat_shard::{
+    decode_delivery, outbox_channel_range, Command, DeliveryBatch, OutboxRef, Reply, ShardId,
+};
+use tokio::sync::watch;
+
+use crate::events::Events;
+use crate::node::group_of;
+
+/// Most items read from the source per round.
+const SCAN_ITEMS: usize = 256;
+/// Most bytes of items in one delivery command (well inside the 1 MiB
+/// command limit; one item may exceed it alone, up to the max body).
+const BATCH_BYTES: usize = 256 * 1024;
+/// Longest wait between retries of a failing channel.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// One channel's progress on this node.
+struct Channel {
+    /// The highest item someone asked for.
+    wanted: watch::Sender<u64>,
+    /// The highest item known applied at the target.
+    delivered: watch::Sender<u64>,
+}
+
+/// Carries outbox items between shards; see the module documentation.
+pub struct Courier {
+    host: Arc<GroupHost>,
+    events: Arc<Events>,
+    stop: watch::Receiver<bool>,
+    channels: Mutex<HashMap<(ShardId, ShardId), Arc<Channel>>>,
+}
+
+/// The courier stopped (the node is shutting down) before the item arrived.
+#[derive(Debug, thiserror::Error)]
+#[error("the node is shutting down")]
+pub struct Stopped;
+
+impl Courier {
+    /// A courier for `host`'s shards; its workers end when `stop` turns true.
+    pub fn new(host: Arc<GroupHost>, events: Arc<Events>, stop: watch::Receiver<bool>) -> Self {
+        Self {
+            host,
+            events,
+            stop,
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Starts carrying `item` of `source` (and every earlier item of its
+    /// channel) to its target, without waiting.
+    pub fn kick(&self, source: ShardId, item: OutboxRef) {
+        let channel = self.channel(source, item.target);
+        channel.wanted.send_if_modified(|wanted| {
+            let raise = item.item > *wanted;
+            *wanted = (*wanted).max(item.item);
+            raise
+        });
+    }
+
+    /// Carries `item` of `source` to its target and returns once it is
+    /// applied there. Never gives up by itself: the caller bounds the wait.
+    pub async fn deliver(&self, source: ShardId, item: OutboxRef) -> Result<(), Stopped> {
+        self.kick(source, item);
+        let mut delivered = self.channel(source, item.target).delivered.subscribe();
+        delivered
+            .wait_for(|&through| through >= item.item)
+            .await
+            .map(|_| ())
+            .map_err(|_| Stopped)
+    }
+
+    fn channel(&self, source: ShardId, target: ShardId) -> Arc<Channel> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        channels
+            .entry((source, target))
+            .or_insert_with(|| {
+                let channel = Arc::new(Channel {
+                    wanted: watch::Sender::new(0),
+                    delivered: watch::Sender::new(0),
+                });
+                tokio::spawn(carry(
+                    self.host.clone(),
+                    self.events.clone(),
+                    source,
+                    target,
+                    channel.clone(),
+                    self.stop.clone(),
+                ));
+                channel
+            })
+            .clone()
+    }
+}
+
+/// The worker of one channel: whenever an item beyond what is known
+/// delivered is wanted, carries the channel's waiting items over.
+async fn carry(
+    host: Arc<GroupHost>,
+    events: Arc<Events>,
+    source: ShardId,
+    target: ShardId,
+    channel: Arc<Channel>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut wanted = channel.wanted.subscribe();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let want = *wanted.borrow_and_update();
+        let have = *channel.delivered.borrow();
+        if want <= have {
+            tokio::select! {
+                changed = wanted.changed() => if changed.is_err() { return },
+                _ = stop.changed() => return,
+            }
+            continue;
+        }
+        match carry_once(&host, &events, source, target, have).await {
+            Ok(through) => {
+                // No item left after `have` means every item up to what was
+                // wanted was applied and forgotten.
+                let through = through.unwrap_or(want);
+                channel.delivered.send_modify(|d| *d = (*d).max(through));
+                backoff = Duration::from_millis(50);
+            }
+            Err(e) => {
+                tracing::debug!(source, target, error = %e, "outbox delivery failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// One round: the items of the channel after `after`, as one command to the
+/// target. Returns the last item the target has applied, or `None` when
+/// the source holds no item after `after`.
+async fn carry_once(
+    host: &GroupHost,
+    events: &Events,
+    source: ShardId,
+    target: ShardId,
+    after: u64,
+) -> Result<Option<u64>, String> {
+    let (from, to) = outbox_channel_range(target, after);
+    let rows = host
+        .scan(group_of(source), &from, &to, SCAN_ITEMS)
+        .await
+        .map_err(|e| e.to_string())?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let mut items = Vec::with_capacity(rows.len());
+    let mut bytes = 0;
+    for (_, value) in &rows {
+        if !items.is_empty() && bytes + value.len() > BATCH_BYTES {
+            break;
+        }
+        bytes += value.len();
+        items.push(decode_delivery(value).map_err(|e| e.to_string())?);
+    }
+    let count = items.len();
+    let command = Command::Deliver(DeliveryBatch { source, items });
+    let reply = host
+        .propose(group_of(target), command.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    match Reply::decode(&reply) {
+        Ok(Reply::Delivered { through, appended }) => {
+            // One notify per inbox, for its highest new version.
+            let mut latest: BTreeMap<u64, u64> = BTreeMap::new();
+            for (owner, version) in appended {
+                let v = latest.entry(owner).or_default();
+                *v = (*v).max(version);
+            }
+            for (owner, version) in latest {
+                events.inbox_advanced(owner, version);
+            }
+            tracing::debug!(source, target, count, through, "outbox items delivered");
+            Ok(Some(through))
+        }
+        other => {
+            // A refusal here is a bug (e.g. a hole in the channel): say so
+            // loudly; the worker retries, and the outbox keeps the items.
+            tracing::error!(source, target, reply = ?other, "outbox delivery refused");
+            Err(format!("delivery refused: {other:?}"))
+        }
+    }
+}
