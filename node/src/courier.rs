@@ -14,6 +14,12 @@
 //! other members), the outbox pump (for what a crashed proposer left).
 //! Workers on different nodes may carry the same items at once; the target
 //! applies each once, so that race costs a command, never a duplicate.
+//!
+//! A proposer hands over the item itself, which its command's reply
+//! carried, so the usual round costs only the command at the target. When
+//! the worker lacks an item (another node proposed it, or the target says
+//! it expects an earlier one), it reads the channel from the source's
+//! outbox instead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -21,7 +27,8 @@ use std::time::Duration;
 
 use fishchat_raft::GroupHost;
 use fishchat_shard::{
-    decode_delivery, outbox_channel_range, Command, DeliveryBatch, OutboxRef, Reply, ShardId,
+    decode_delivery, outbox_channel_range, Command, CommandError, Delivery, DeliveryBatch,
+    Outgoing, Reply, ShardId,
 };
 use tokio::sync::watch;
 
@@ -35,6 +42,9 @@ const SCAN_ITEMS: usize = 256;
 const BATCH_BYTES: usize = 256 * 1024;
 /// Longest wait between retries of a failing channel.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Most items handed over and kept per channel; beyond, new ones are read
+/// back from the source's outbox when their turn comes.
+const MAX_HANDED: usize = 1024;
 
 /// One channel's progress on this node.
 struct Channel {
@@ -42,6 +52,29 @@ struct Channel {
     wanted: watch::Sender<u64>,
     /// The highest item known applied at the target.
     delivered: watch::Sender<u64>,
+    /// Items handed over by their proposers, not yet known applied.
+    handed: Mutex<BTreeMap<u64, Delivery>>,
+}
+
+impl Channel {
+    /// The handed-over items that follow `after` without a hole, at most
+    /// [`BATCH_BYTES`] of bodies (at least one item); forgets older ones.
+    fn handed_after(&self, after: u64) -> Vec<Delivery> {
+        let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+        *handed = handed.split_off(&(after + 1));
+        let mut run: Vec<Delivery> = Vec::new();
+        let mut bytes = 0;
+        for (item, delivery) in handed.iter() {
+            let next = run.last().map_or(*item, |d| d.item + 1);
+            let size = delivery.entry.body.len() + 64;
+            if *item != next || (!run.is_empty() && bytes + size > BATCH_BYTES) {
+                break;
+            }
+            bytes += size;
+            run.push(delivery.clone());
+        }
+        run
+    }
 }
 
 /// Carries outbox items between shards; see the module documentation.
@@ -70,22 +103,30 @@ impl Courier {
 
     /// Starts carrying `item` of `source` (and every earlier item of its
     /// channel) to its target, without waiting.
-    pub fn kick(&self, source: ShardId, item: OutboxRef) {
-        let channel = self.channel(source, item.target);
+    pub fn kick(&self, source: ShardId, item: Outgoing) {
+        let channel = self.channel(source, item.to.target);
+        let number = item.to.item;
+        if let Some(delivery) = item.delivery {
+            let mut handed = channel.handed.lock().unwrap_or_else(|p| p.into_inner());
+            if handed.len() < MAX_HANDED && number > *channel.delivered.borrow() {
+                handed.insert(number, delivery);
+            }
+        }
         channel.wanted.send_if_modified(|wanted| {
-            let raise = item.item > *wanted;
-            *wanted = (*wanted).max(item.item);
+            let raise = number > *wanted;
+            *wanted = (*wanted).max(number);
             raise
         });
     }
 
     /// Carries `item` of `source` to its target and returns once it is
     /// applied there. Never gives up by itself: the caller bounds the wait.
-    pub async fn deliver(&self, source: ShardId, item: OutboxRef) -> Result<(), Stopped> {
+    pub async fn deliver(&self, source: ShardId, item: Outgoing) -> Result<(), Stopped> {
+        let (target, number) = (item.to.target, item.to.item);
         self.kick(source, item);
-        let mut delivered = self.channel(source, item.target).delivered.subscribe();
+        let mut delivered = self.channel(source, target).delivered.subscribe();
         delivered
-            .wait_for(|&through| through >= item.item)
+            .wait_for(|&through| through >= number)
             .await
             .map(|_| ())
             .map_err(|_| Stopped)
@@ -99,6 +140,7 @@ impl Courier {
                 let channel = Arc::new(Channel {
                     wanted: watch::Sender::new(0),
                     delivered: watch::Sender::new(0),
+                    handed: Mutex::new(BTreeMap::new()),
                 });
                 tokio::spawn(carry(
                     self.host.clone(),
@@ -136,7 +178,7 @@ async fn carry(
             }
             continue;
         }
-        match carry_once(&host, &events, source, target, have).await {
+        match carry_once(&host, &events, source, target, &channel, have).await {
             Ok(through) => {
                 // No item left after `have` means every item up to what was
                 // wanted was applied and forgotten.
@@ -164,6 +206,32 @@ async fn carry_once(
     events: &Events,
     source: ShardId,
     target: ShardId,
+    channel: &Channel,
+    after: u64,
+) -> Result<Option<u64>, String> {
+    let handed = channel.handed_after(after);
+    // Handed-over items go first. This node's view of the channel lags when
+    // other nodes carried items meanwhile (they propose sends too), so the
+    // target judges: it applies them if it has everything before, or says
+    // which item it expects.
+    if !handed.is_empty() {
+        match apply(host, events, source, target, handed).await? {
+            Applied::Through(through) => return Ok(Some(through)),
+            // The target lacks earlier items: read them from the source.
+            Applied::Expects(next) => {
+                return carry_read(host, events, source, target, next - 1).await
+            }
+        }
+    }
+    carry_read(host, events, source, target, after).await
+}
+
+/// A round with items read from the source's outbox.
+async fn carry_read(
+    host: &GroupHost,
+    events: &Events,
+    source: ShardId,
+    target: ShardId,
     after: u64,
 ) -> Result<Option<u64>, String> {
     let (from, to) = outbox_channel_range(target, after);
@@ -183,6 +251,36 @@ async fn carry_once(
         bytes += value.len();
         items.push(decode_delivery(value).map_err(|e| e.to_string())?);
     }
+    match apply(host, events, source, target, items).await? {
+        Applied::Through(through) => Ok(Some(through)),
+        Applied::Expects(next) => {
+            // Items before the first one read are gone from the outbox, so
+            // they were applied: a hole here is a bug. Say so loudly; the
+            // worker retries, and the outbox keeps the items.
+            tracing::error!(source, target, after, next, "outbox channel has a hole");
+            Err(format!(
+                "target expects item {next}, which the source lacks"
+            ))
+        }
+    }
+}
+
+/// What the target made of a batch.
+enum Applied {
+    /// It has applied the channel up to this item.
+    Through(u64),
+    /// It refused the batch: it expects this item first.
+    Expects(u64),
+}
+
+/// Proposes `items` to the target and notifies the inboxes they reached.
+async fn apply(
+    host: &GroupHost,
+    events: &Events,
+    source: ShardId,
+    target: ShardId,
+    items: Vec<Delivery>,
+) -> Result<Applied, String> {
     let count = items.len();
     let command = Command::Deliver(DeliveryBatch { source, items });
     let reply = host
@@ -201,11 +299,12 @@ async fn carry_once(
                 events.inbox_advanced(owner, version);
             }
             tracing::debug!(source, target, count, through, "outbox items delivered");
-            Ok(Some(through))
+            Ok(Applied::Through(through))
+        }
+        Ok(Reply::Refused(CommandError::OutOfOrder { expected, .. })) => {
+            Ok(Applied::Expects(expected))
         }
         other => {
-            // A refusal here is a bug (e.g. a hole in the channel): say so
-            // loudly; the worker retries, and the outbox keeps the items.
             tracing::error!(source, target, reply = ?other, "outbox delivery refused");
             Err(format!("delivery refused: {other:?}"))
         }

@@ -11,7 +11,7 @@ use fishchat_proto::client::{self as wire, request, response, ErrorCode};
 use fishchat_shard::{
     decode_group, group_key, group_seq_key, membership_group, memberships_range, user_key,
     valid_group_name, Command, GroupChange, GroupEvent, GroupEventKind, GroupId, NewMember,
-    OutboxRef, Reply, Role, ShardId, UserId, Version, MAX_GROUP_NAME,
+    Outgoing, Reply, Role, ShardId, UserId, Version, MAX_GROUP_NAME,
 };
 use futures::{StreamExt, TryStreamExt};
 
@@ -128,7 +128,7 @@ impl Chat {
                 appended,
             } => {
                 tracing::info!(group, duplicate, "group created");
-                self.spread(shard, &fanout, &appended, creator).await?;
+                self.spread(shard, fanout, &appended, creator).await?;
                 Ok(response::Body::CreateGroup(wire::CreateGroupResponse {
                     group_id: group,
                     duplicate,
@@ -162,7 +162,7 @@ impl Chat {
                 fanout,
                 appended,
             } => {
-                self.spread(shard, &fanout, &appended, actor).await?;
+                self.spread(shard, fanout, &appended, actor).await?;
                 Ok(wire::GroupChangeResponse { changed, group_seq })
             }
             other => Err(unexpected(other)),
@@ -196,7 +196,7 @@ impl Chat {
                 fanout,
                 appended,
             } => {
-                self.spread(shard, &fanout, &appended, sender).await?;
+                self.spread(shard, fanout, &appended, sender).await?;
                 Ok(response::Body::GroupSend(wire::GroupSendResponse {
                     message_id,
                     group_seq,
@@ -314,18 +314,23 @@ impl Chat {
     async fn spread(
         &self,
         shard: ShardId,
-        fanout: &[OutboxRef],
+        fanout: Vec<Outgoing>,
         appended: &[(UserId, Version)],
         caller: UserId,
     ) -> Result<(), Refusal> {
         for &(owner, version) in appended {
             self.events.inbox_advanced(owner, version);
         }
-        for &item in fanout {
-            self.courier.kick(shard, item);
-        }
         let home = self.map.shard_of_user(caller);
-        if let Some(&own) = fanout.iter().find(|r| r.target == home) {
+        let mut own = None;
+        for item in fanout {
+            if item.to.target == home {
+                own = Some(item);
+            } else {
+                self.courier.kick(shard, item);
+            }
+        }
+        if let Some(own) = own {
             self.courier.deliver(shard, own).await.map_err(stopping)?;
         }
         Ok(())

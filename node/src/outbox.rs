@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use fishchat_raft::{GroupHost, Role};
 use fishchat_shard::{
-    channel_watermark_key, decode_delivery, outbox_range, outbox_ref, Command, OutboxRef, ShardId,
-    ShardMap,
+    channel_watermark_key, decode_delivery, outbox_range, outbox_ref, Command, OutboxRef, Outgoing,
+    ShardId, ShardMap,
 };
 use tokio::sync::watch;
 
@@ -115,7 +115,13 @@ async fn pump(host: &GroupHost, courier: &Courier, shard: ShardId) -> Result<boo
                 item = item.item,
                 "outbox pump delivers overdue items"
             );
-            courier.kick(shard, item);
+            courier.kick(
+                shard,
+                Outgoing {
+                    to: item,
+                    delivery: None,
+                },
+            );
         }
     }
     let forgot = !done.is_empty();

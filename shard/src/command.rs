@@ -166,6 +166,17 @@ pub enum Role {
     Member,
 }
 
+/// An outbox item a command made (or, for a repeated command, found), for
+/// the proposer to hand to the courier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// Which item.
+    pub to: OutboxRef,
+    /// The item itself when the command just made it (the courier then
+    /// needs not read it back); `None` in the answer to a repeat.
+    pub delivery: Option<Delivery>,
+}
+
 /// Names one outbox item: the shard it goes to and its number in the
 /// channel from this shard to that one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -286,7 +297,7 @@ pub enum Reply {
         /// The outbox item carrying the sender's copy, when the sender
         /// lives in another shard: the proposer delivers it before
         /// answering (the outbox pump would, later).
-        copy: Option<OutboxRef>,
+        copy: Option<Outgoing>,
     },
     /// The batch's items are applied (now or by an earlier delivery).
     Delivered {
@@ -302,7 +313,7 @@ pub enum Reply {
         /// True when this repeats an earlier creation's reply.
         duplicate: bool,
         /// The outbox items carrying the creation to members elsewhere.
-        fanout: Vec<OutboxRef>,
+        fanout: Vec<Outgoing>,
         /// The inboxes in this shard the entry went to: (owner, version).
         appended: Vec<(UserId, Version)>,
     },
@@ -313,7 +324,7 @@ pub enum Reply {
         /// The change's group sequence (0 when unchanged).
         group_seq: u64,
         /// The outbox items carrying it to members elsewhere.
-        fanout: Vec<OutboxRef>,
+        fanout: Vec<Outgoing>,
         /// The inboxes in this shard the entry went to: (owner, version).
         appended: Vec<(UserId, Version)>,
     },
@@ -328,7 +339,7 @@ pub enum Reply {
         /// As in `Sent`.
         duplicate: bool,
         /// The outbox items carrying it to members elsewhere.
-        fanout: Vec<OutboxRef>,
+        fanout: Vec<Outgoing>,
         /// The inboxes in this shard the entry went to: (owner, version).
         appended: Vec<(UserId, Version)>,
     },

@@ -10,7 +10,8 @@
 use fishchat_raft::{ApplyError, StateTxn};
 
 use crate::command::{
-    CommandError, GroupChange, GroupEvent, GroupEventKind, InboxEntry, NewMember, Reply, Role,
+    CommandError, GroupChange, GroupEvent, GroupEventKind, InboxEntry, NewMember, OutboxRef,
+    Outgoing, Reply, Role,
 };
 use crate::keys::{self, CreateReceipt, Group, Member, SendReceipt};
 use crate::machine::{corrupt, next, read_u64, receipt, valid_client_key, Spread};
@@ -56,7 +57,7 @@ impl ChatMachine {
             return Ok(Reply::GroupCreated {
                 group: first.group,
                 duplicate: true,
-                fanout: first.fanout,
+                fanout: repeated(&first.fanout),
                 appended: Vec::new(),
             });
         }
@@ -104,7 +105,7 @@ impl ChatMachine {
         state.put(&keys::group_key(id), &keys::encode(&group));
         let receipt = CreateReceipt {
             group: id,
-            fanout: fanout.clone(),
+            fanout: fanout.iter().map(|o| o.to).collect(),
         };
         state.put(&receipt_key, &keys::encode(&receipt));
         Ok(Reply::GroupCreated {
@@ -269,7 +270,7 @@ impl ChatMachine {
                     group_seq: first.version,
                     timestamp_ms: first.timestamp_ms,
                     duplicate: true,
-                    fanout: first.fanout,
+                    fanout: repeated(&first.fanout),
                     appended: Vec::new(),
                 });
             }
@@ -304,7 +305,7 @@ impl ChatMachine {
             message_id,
             version: group_seq,
             timestamp_ms: now_ms,
-            fanout: fanout.clone(),
+            fanout: fanout.iter().map(|o| o.to).collect(),
         };
         state.put(&receipt_key, &keys::encode(&receipt));
         Ok(Reply::GroupSent {
@@ -368,6 +369,14 @@ impl ChatMachine {
         owners.extend(leaver);
         self.distribute(state, &owners, &entry)
     }
+}
+
+/// The outbox items of a repeated command, as its answer names them.
+fn repeated(items: &[OutboxRef]) -> Vec<Outgoing> {
+    items
+        .iter()
+        .map(|&to| Outgoing { to, delivery: None })
+        .collect()
 }
 
 /// Takes the next number of `group`'s sequence.

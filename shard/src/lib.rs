@@ -56,7 +56,7 @@ mod shard_map;
 
 pub use command::{
     Command, CommandError, Delivery, DeliveryBatch, GroupChange, GroupEvent, GroupEventKind,
-    InboxEntry, NewMember, OutboxRef, Reply, Role,
+    InboxEntry, NewMember, OutboxRef, Outgoing, Reply, Role,
 };
 pub use groups::{valid_group_name, MAX_GROUP_NAME};
 pub use keys::{

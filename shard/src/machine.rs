@@ -3,7 +3,8 @@
 use fishchat_raft::{ApplyError, StateMachine, StateTxn};
 
 use crate::command::{
-    Command, CommandError, Delivery, DeliveryBatch, GroupEventKind, InboxEntry, OutboxRef, Reply,
+    Command, CommandError, Delivery, DeliveryBatch, GroupEventKind, InboxEntry, OutboxRef,
+    Outgoing, Reply,
 };
 use crate::keys::{self, Account, DeviceSession, SendReceipt};
 use crate::{ShardId, ShardMap, UserId, Version};
@@ -26,7 +27,7 @@ const MESSAGES: &str = "messages";
 /// Where [`ChatMachine::distribute`] put an entry.
 pub(crate) struct Spread {
     /// The outbox items carrying it to other shards, by target.
-    pub(crate) fanout: Vec<OutboxRef>,
+    pub(crate) fanout: Vec<Outgoing>,
     /// The inboxes here it was appended to: (owner, version).
     pub(crate) appended: Vec<(UserId, Version)>,
 }
@@ -104,7 +105,10 @@ impl ChatMachine {
                 version: first.version,
                 timestamp_ms: first.timestamp_ms,
                 duplicate: true,
-                copy: first.fanout.first().copied(),
+                copy: first
+                    .fanout
+                    .first()
+                    .map(|&to| Outgoing { to, delivery: None }),
             });
         }
         if state.get(&keys::user_key(recipient))?.is_none() {
@@ -133,7 +137,7 @@ impl ChatMachine {
             message_id,
             version,
             timestamp_ms: now_ms,
-            fanout: copy.into_iter().collect(),
+            fanout: copy.iter().map(|c| c.to).collect(),
         };
         state.put(&receipt_key, &keys::encode(&receipt));
         Ok(Reply::Sent {
@@ -152,7 +156,7 @@ impl ChatMachine {
         state: &mut dyn StateTxn,
         sender: UserId,
         entry: InboxEntry,
-    ) -> Result<Option<OutboxRef>, ApplyError> {
+    ) -> Result<Option<Outgoing>, ApplyError> {
         let mut spread = self.distribute(state, &[sender], &entry)?;
         Ok(spread.fanout.pop())
     }
@@ -189,7 +193,10 @@ impl ChatMachine {
                 entry: entry.clone(),
             };
             state.put(&keys::outbox_item(target, item), &keys::encode(&delivery));
-            fanout.push(OutboxRef { target, item });
+            fanout.push(Outgoing {
+                to: OutboxRef { target, item },
+                delivery: Some(delivery),
+            });
         }
         Ok(Spread { fanout, appended })
     }

@@ -1,7 +1,9 @@
 //! The chat state machine on its own: every command applied to an in-memory
 //! key-value state, with no Raft, RocksDB or network.
 
-use fishchat_shard::{revoked_key, Command, CommandError, DeliveryBatch, OutboxRef, Reply, UserId};
+use fishchat_shard::{
+    revoked_key, Command, CommandError, DeliveryBatch, OutboxRef, Outgoing, Reply, UserId,
+};
 
 mod common;
 
@@ -146,8 +148,11 @@ fn a_sender_in_another_shard_gets_its_copy_through_the_outbox_exactly_once() {
     };
     assert_eq!(
         copy,
-        Some(item),
-        "the reply names the copy for the proposer to deliver"
+        Some(Outgoing {
+            to: item,
+            delivery: Some(delivery.clone())
+        }),
+        "the reply carries the copy for the proposer to deliver"
     );
     let Reply::Sent {
         copy: retried_copy,
@@ -157,7 +162,14 @@ fn a_sender_in_another_shard_gets_its_copy_through_the_outbox_exactly_once() {
     else {
         panic!("a retry is answered as a duplicate");
     };
-    assert_eq!(retried_copy, Some(item), "a retry names the copy too");
+    assert_eq!(
+        retried_copy,
+        Some(Outgoing {
+            to: item,
+            delivery: None
+        }),
+        "a retry names the copy too"
+    );
 
     // Delivered twice (a retry after a lost acknowledgement): one copy.
     let batch = DeliveryBatch {
