@@ -741,6 +741,7 @@ pub(crate) fn refusal_of(error: CommandError) -> Refusal {
         CommandError::InvalidUsername => ErrorCode::InvalidUsername,
         CommandError::UnknownUser(_) => ErrorCode::UnknownUser,
         CommandError::InvalidClientMessageId
+        | CommandError::ClientMessageIdReused
         | CommandError::InvalidRequestKey
         | CommandError::InvalidGroupName => ErrorCode::BadRequest,
         CommandError::UnknownGroup(_) => ErrorCode::UnknownGroup,

@@ -58,7 +58,7 @@ struct Channel {
 
 impl Channel {
     /// The handed-over items that follow `after` without a hole, at most
-    /// [`BATCH_BYTES`] of bodies (at least one item); forgets older ones.
+    /// [`BATCH_BYTES`] of them (at least one item); forgets older ones.
     fn handed_after(&self, after: u64) -> Vec<Delivery> {
         let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
         *handed = handed.split_off(&(after + 1));
@@ -66,7 +66,7 @@ impl Channel {
         let mut bytes = 0;
         for (item, delivery) in handed.iter() {
             let next = run.last().map_or(*item, |d| d.item + 1);
-            let size = delivery.entry.body.len() + 64;
+            let size = encoded_size(delivery);
             if *item != next || (!run.is_empty() && bytes + size > BATCH_BYTES) {
                 break;
             }
@@ -75,6 +75,26 @@ impl Channel {
         }
         run
     }
+
+    /// Drops every handed-over item: their round failed, and reading them
+    /// back from the source's outbox measures and orders them exactly.
+    fn forget_handed(&self) {
+        self.handed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+/// An upper bound of a delivery's size inside a command: its body, content
+/// type, event and recipients, plus the encoding's overhead.
+fn encoded_size(delivery: &Delivery) -> usize {
+    let entry = &delivery.entry;
+    let event = entry
+        .event
+        .as_ref()
+        .map_or(0, |e| e.username.len() + e.group_name.len() + 64);
+    entry.body.len() + entry.content_type.len() + event + 10 * delivery.owners.len() + 256
 }
 
 /// Carries outbox items between shards; see the module documentation.
@@ -215,11 +235,18 @@ async fn carry_once(
     // target judges: it applies them if it has everything before, or says
     // which item it expects.
     if !handed.is_empty() {
-        match apply(host, events, source, target, handed).await? {
-            Applied::Through(through) => return Ok(Some(through)),
+        match apply(host, events, source, target, handed).await {
+            Ok(Applied::Through(through)) => return Ok(Some(through)),
             // The target lacks earlier items: read them from the source.
-            Applied::Expects(next) => {
+            Ok(Applied::Expects(next)) => {
                 return carry_read(host, events, source, target, next - 1).await
+            }
+            // Whatever went wrong (the command too large, the target without
+            // a leader), the next round reads the channel from the source,
+            // which never builds a command over the limit.
+            Err(e) => {
+                channel.forget_handed();
+                return Err(e);
             }
         }
     }

@@ -216,16 +216,17 @@ impl Chat {
         };
         let record = decode_group(&bytes.ok_or_else(|| unknown_group(group))?)
             .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-        if record.dissolved {
-            return Err(Refusal::new(
-                ErrorCode::GroupDissolved,
-                format!("group {group} was dissolved"),
-            ));
-        }
+        // Membership first: a non-member learns nothing of the group's state.
         if record.member(user).is_none() {
             return Err(Refusal::new(
                 ErrorCode::PermissionDenied,
                 format!("only members list group {group}"),
+            ));
+        }
+        if record.dissolved {
+            return Err(Refusal::new(
+                ErrorCode::GroupDissolved,
+                format!("group {group} was dissolved"),
             ));
         }
         let latest_seq = match self.read(shard, &group_seq_key(group)).await? {

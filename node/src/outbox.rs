@@ -8,27 +8,32 @@
 //! once. After a leader change the new leader's pump finds the same items in
 //! the replicated outbox, so every item arrives exactly once whatever fails.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fishchat_raft::{GroupHost, Role};
 use fishchat_shard::{
-    channel_watermark_key, decode_delivery, outbox_range, outbox_ref, Command, OutboxRef, Outgoing,
-    ShardId, ShardMap,
+    channel_watermark_key, outbox_channel_range, outbox_range, outbox_ref, Command, OutboxRef,
+    Outgoing, ShardId, ShardMap,
 };
 use tokio::sync::watch;
 
-use crate::chat::now_ms;
 use crate::courier::Courier;
 use crate::node::group_of;
 
 /// How often each led shard's outbox is looked at.
 const PERIOD: Duration = Duration::from_millis(500);
-/// How old an item must be before the pump asks for its delivery.
+/// How long this node's pump must have seen an item unapplied before it
+/// asks for its delivery.
 const GRACE: Duration = Duration::from_secs(2);
 /// Most items read per shard per round.
 const BATCH: usize = 512;
+
+/// When this node's pump first saw each outbox item not yet applied. The
+/// grace period is timed by this node's clock, not by the commit time the
+/// proposer's clock wrote, so a proposer with a fast clock cannot delay it.
+type FirstSeen = HashMap<(ShardId, OutboxRef), Instant>;
 
 /// Runs the pump until `stop` turns true.
 pub async fn run(
@@ -39,6 +44,7 @@ pub async fn run(
 ) {
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first_seen = FirstSeen::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -52,11 +58,12 @@ pub async fn run(
                 .status(group_of(shard))
                 .is_some_and(|s| s.role == Role::Leader);
             if !leads {
+                first_seen.retain(|(source, _), _| *source != shard);
                 continue;
             }
             // A full round that forgot items may have more behind it.
             loop {
-                match pump(&host, &courier, shard).await {
+                match pump(&host, &courier, shard, &mut first_seen).await {
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(e) => {
@@ -69,30 +76,38 @@ pub async fn run(
     }
 }
 
-/// One round for `shard`: forget what was delivered, ask for what is
-/// overdue. True when the round was full and forgot something.
-async fn pump(host: &GroupHost, courier: &Courier, shard: ShardId) -> Result<bool, String> {
-    let (from, to) = outbox_range();
-    let rows = host
-        .scan(group_of(shard), &from, &to, BATCH)
-        .await
-        .map_err(|e| e.to_string())?;
-    let full = rows.len() == BATCH;
-    let cutoff = now_ms().saturating_sub(GRACE.as_millis() as u64);
-    // Per target: its items here, with their commit times, in item order.
-    let mut channels: BTreeMap<ShardId, Vec<(OutboxRef, u64)>> = BTreeMap::new();
-    for (key, value) in rows {
-        let item = outbox_ref(&key).ok_or("an outbox key does not parse")?;
-        let delivery = decode_delivery(&value).map_err(|e| e.to_string())?;
-        channels
-            .entry(item.target)
-            .or_default()
-            .push((item, delivery.entry.timestamp_ms));
-    }
+/// One round for `shard`: channel by channel, forget what was applied and
+/// ask for what is overdue. True when a channel was read in part and the
+/// round forgot something (so another round may find more).
+async fn pump(
+    host: &GroupHost,
+    courier: &Courier,
+    shard: ShardId,
+    first_seen: &mut FirstSeen,
+) -> Result<bool, String> {
+    let group = group_of(shard);
+    let (mut from, end) = outbox_range();
     let mut done = Vec::new();
+    let mut partial = false;
     let mut failed = None;
-    for (target, items) in channels {
-        // One unavailable target does not hold up the others.
+    // Each channel is read on its own, so one that is backed up (its target
+    // without a leader) hides no other.
+    loop {
+        let first = host
+            .scan(group, &from, &end, 1)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(target) = first.first().and_then(|(key, _)| outbox_ref(key)) else {
+            break;
+        };
+        let target = target.target;
+        from = outbox_channel_range(target, u64::MAX).0;
+        let (channel_from, channel_to) = outbox_channel_range(target, 0);
+        let rows = host
+            .scan(group, &channel_from, &channel_to, BATCH)
+            .await
+            .map_err(|e| e.to_string())?;
+        partial |= rows.len() == BATCH;
         let applied = match applied_through(host, shard, target).await {
             Ok(applied) => applied,
             Err(e) => {
@@ -101,10 +116,19 @@ async fn pump(host: &GroupHost, courier: &Courier, shard: ShardId) -> Result<boo
             }
         };
         let mut overdue = None;
-        for (item, committed_ms) in items {
+        for (key, _) in rows {
+            let Some(item) = outbox_ref(&key) else {
+                continue;
+            };
             if item.item <= applied {
+                first_seen.remove(&(shard, item));
                 done.push(item);
-            } else if committed_ms <= cutoff {
+            } else if first_seen
+                .entry((shard, item))
+                .or_insert_with(Instant::now)
+                .elapsed()
+                >= GRACE
+            {
                 overdue = Some(item);
             }
         }
@@ -126,14 +150,11 @@ async fn pump(host: &GroupHost, courier: &Courier, shard: ShardId) -> Result<boo
     }
     let forgot = !done.is_empty();
     if forgot {
-        host.propose(
-            group_of(shard),
-            Command::OutboxDone { items: done }.encode(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        host.propose(group, Command::OutboxDone { items: done }.encode())
+            .await
+            .map_err(|e| e.to_string())?;
     }
-    failed.map_or(Ok(full && forgot), Err)
+    failed.map_or(Ok(partial && forgot), Err)
 }
 
 /// The last item of `source`'s channel that `target` has applied.

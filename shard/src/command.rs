@@ -380,6 +380,10 @@ pub enum CommandError {
     /// The client message id is empty or longer than 128 bytes.
     #[error("client message id must be 1 to 128 bytes")]
     InvalidClientMessageId,
+    /// The client message id was used before by this sender for a message
+    /// to someone else; ids are unique among all of a sender's messages.
+    #[error("this client message id was used for a message to another user or group")]
+    ClientMessageIdReused,
     /// The command bytes did not decode, or break a rule no client input
     /// can (e.g. a delivery batch out of order within itself).
     #[error("undecodable command: {0}")]

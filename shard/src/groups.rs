@@ -13,7 +13,7 @@ use crate::command::{
     CommandError, GroupChange, GroupEvent, GroupEventKind, InboxEntry, NewMember, OutboxRef,
     Outgoing, Reply, Role,
 };
-use crate::keys::{self, CreateReceipt, Group, Member, SendReceipt};
+use crate::keys::{self, Addressee, CreateReceipt, Group, Member, SendReceipt};
 use crate::machine::{corrupt, next, read_u64, receipt, valid_client_key, Spread};
 use crate::{ChatMachine, GroupId, UserId};
 
@@ -135,18 +135,19 @@ impl ChatMachine {
             fanout: Vec::new(),
             appended: Vec::new(),
         };
-        if group.dissolved {
-            return Ok(match change {
-                GroupChange::Dissolve if actor == group.owner => unchanged,
-                _ => Reply::Refused(CommandError::GroupDissolved(id)),
-            });
-        }
+        // Membership first: a non-member learns nothing of the group's state.
         let Some(actor_role) = group.member(actor).map(|m| m.role) else {
             return Ok(match change {
                 GroupChange::Leave => unchanged,
                 _ => Reply::Refused(CommandError::NotAMember(id)),
             });
         };
+        if group.dissolved {
+            return Ok(match change {
+                GroupChange::Dissolve if actor == group.owner => unchanged,
+                _ => Reply::Refused(CommandError::GroupDissolved(id)),
+            });
+        }
         let not_allowed = |why: &str| Ok(Reply::Refused(CommandError::NotAllowed(why.into())));
         let (kind, subject, leaver) = match change {
             GroupChange::Add { member, role } => {
@@ -265,6 +266,9 @@ impl ChatMachine {
         // committed before the group was dissolved answers as the first.
         if self.map.shard_of_group(id) == self.shard {
             if let Some(first) = receipt(state, &receipt_key)? {
+                if first.addressee.is_some_and(|a| a != Addressee::Group(id)) {
+                    return Ok(Reply::Refused(CommandError::ClientMessageIdReused));
+                }
                 return Ok(Reply::GroupSent {
                     message_id: first.message_id,
                     group_seq: first.version,
@@ -279,11 +283,11 @@ impl ChatMachine {
             Ok(group) => group,
             Err(refusal) => return Ok(refusal),
         };
-        if group.dissolved {
-            return Ok(Reply::Refused(CommandError::GroupDissolved(id)));
-        }
         if group.member(sender).is_none() {
             return Ok(Reply::Refused(CommandError::NotAMember(id)));
+        }
+        if group.dissolved {
+            return Ok(Reply::Refused(CommandError::GroupDissolved(id)));
         }
         let group_seq = next_seq(state, id)?;
         let message_id = self.next_message_id(state)?;
@@ -306,6 +310,7 @@ impl ChatMachine {
             version: group_seq,
             timestamp_ms: now_ms,
             fanout: fanout.iter().map(|o| o.to).collect(),
+            addressee: Some(Addressee::Group(id)),
         };
         state.put(&receipt_key, &keys::encode(&receipt));
         Ok(Reply::GroupSent {

@@ -48,6 +48,17 @@ pub(crate) struct SendReceipt {
     /// one user; the fan-out of a group message).
     #[serde(default)]
     pub(crate) fanout: Vec<OutboxRef>,
+    /// Whom the send was for, so that a client message id reused for
+    /// another addressee is refused instead of answered as a repeat.
+    #[serde(default)]
+    pub(crate) addressee: Option<Addressee>,
+}
+
+/// Whom a send was addressed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Addressee {
+    User(UserId),
+    Group(GroupId),
 }
 
 /// What a group creation made, kept to answer its retries.

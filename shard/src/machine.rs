@@ -6,7 +6,7 @@ use crate::command::{
     Command, CommandError, Delivery, DeliveryBatch, GroupEventKind, InboxEntry, OutboxRef,
     Outgoing, Reply,
 };
-use crate::keys::{self, Account, DeviceSession, SendReceipt};
+use crate::keys::{self, Account, Addressee, DeviceSession, SendReceipt};
 use crate::{ShardId, ShardMap, UserId, Version};
 
 /// Longest accepted username, in characters.
@@ -100,6 +100,12 @@ impl ChatMachine {
         }
         let receipt_key = keys::receipt(sender, &client_msg_id);
         if let Some(first) = receipt(state, &receipt_key)? {
+            if first
+                .addressee
+                .is_some_and(|a| a != Addressee::User(recipient))
+            {
+                return Ok(Reply::Refused(CommandError::ClientMessageIdReused));
+            }
             return Ok(Reply::Sent {
                 message_id: first.message_id,
                 version: first.version,
@@ -138,6 +144,7 @@ impl ChatMachine {
             version,
             timestamp_ms: now_ms,
             fanout: copy.iter().map(|c| c.to).collect(),
+            addressee: Some(Addressee::User(recipient)),
         };
         state.put(&receipt_key, &keys::encode(&receipt));
         Ok(Reply::Sent {

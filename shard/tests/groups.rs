@@ -205,6 +205,17 @@ fn every_member_gets_every_group_entry_once_and_in_group_order() {
     );
     world.flush();
     assert_eq!(world.seqs(users[2], group), expected, "and stores nothing");
+
+    // Another group in the same shard: the same client message id there is
+    // a mistake of the client, refused rather than taken for a repeat.
+    let other = (2..)
+        .map(|i| world.create(users[0], &format!("k{i}"), &users[1..]))
+        .find(|&g| map().shard_of_group(g) == map().shard_of_group(group))
+        .expect("some group lands in the same shard");
+    assert_eq!(
+        world.send(users[2], other, "m0-2"),
+        Reply::Refused(CommandError::ClientMessageIdReused)
+    );
 }
 
 #[test]
