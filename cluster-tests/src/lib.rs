@@ -7,6 +7,11 @@
 //! It links no server crate: what it checks is what a user sees. Tests drive
 //! the cluster as users do, with the client SDK (`fishchat-client`) and the
 //! `fishchat` command-line client.
+//!
+//! Chaos runs: [`history`] records what clients were told; [`checker`] judges it.
+
+pub mod checker;
+pub mod history;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
