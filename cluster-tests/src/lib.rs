@@ -154,6 +154,24 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sends `signal` (a name `kill` knows: "STOP", "CONT", …) to node `id`.
+    pub fn signal(&mut self, id: u64, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .node_mut(id)?
+            .child
+            .as_ref()
+            .ok_or_else(|| anyhow!("node {id} is not running"))?
+            .id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} failed for node {id}");
+        }
+        Ok(())
+    }
+
     /// SIGTERMs node `id` and returns its exit status.
     pub fn terminate(&mut self, id: u64, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let mut child = self

@@ -1,5 +1,6 @@
 //! A short chaos run: clients send one-to-one and group messages while
-//! nodes are SIGKILLed and restarted on a schedule drawn from a seed; the
+//! nodes are SIGKILLed (one, a majority, or all) and restarted, or frozen
+//! with SIGSTOP and thawed, on a schedule drawn from a seed; the
 //! recorded history is then judged by the checker against every inbox read
 //! back through every node (G1, G2, G3, G5 and replica agreement).
 //!
@@ -162,7 +163,8 @@ fn replicas(cluster: &Cluster) -> anyhow::Result<BTreeMap<u64, Vec<ShardReplica>
 }
 
 #[test]
-fn acknowledged_messages_survive_nodes_killed_on_a_seeded_schedule() -> anyhow::Result<()> {
+fn acknowledged_messages_survive_nodes_killed_and_frozen_on_a_seeded_schedule() -> anyhow::Result<()>
+{
     let _one = one_cluster_at_a_time();
     let seed = env_u64("FISHCHAT_CHAOS_SEED", 1);
     let secs = env_u64("FISHCHAT_CHAOS_SECS", 40);
@@ -202,13 +204,47 @@ fn acknowledged_messages_survive_nodes_killed_on_a_seeded_schedule() -> anyhow::
         let nemesis = async {
             let mut dice = Dice::new(seed);
             let mut faults = Vec::new();
+            let started = Instant::now();
             while Instant::now() + Duration::from_secs(8) < until {
                 tokio::time::sleep(Duration::from_millis(2000 + dice.below(4000))).await;
-                let victim = dice.below(3) + 1;
-                cluster.kill(victim)?;
-                faults.push(format!("SIGKILL node {victim}"));
-                tokio::time::sleep(Duration::from_millis(1000 + dice.below(3000))).await;
-                cluster.start_node(victim)?;
+                let at = started.elapsed().as_secs_f32();
+                let first = dice.below(3) + 1;
+                let down = Duration::from_millis(1000 + dice.below(3000));
+                match dice.below(4) {
+                    0 => {
+                        cluster.kill(first)?;
+                        faults.push(format!("{at:.1}s SIGKILL node {first} for {down:?}"));
+                        tokio::time::sleep(down).await;
+                        cluster.start_node(first)?;
+                    }
+                    1 => {
+                        let second = first % 3 + 1;
+                        cluster.kill(first)?;
+                        cluster.kill(second)?;
+                        faults.push(format!(
+                            "{at:.1}s SIGKILL nodes {first} and {second} (a majority) for {down:?}"
+                        ));
+                        tokio::time::sleep(down).await;
+                        cluster.start_node(first)?;
+                        cluster.start_node(second)?;
+                    }
+                    2 => {
+                        cluster.signal(first, "STOP")?;
+                        faults.push(format!("{at:.1}s SIGSTOP node {first} for {down:?}"));
+                        tokio::time::sleep(down).await;
+                        cluster.signal(first, "CONT")?;
+                    }
+                    _ => {
+                        for node in 1..=3 {
+                            cluster.kill(node)?;
+                        }
+                        faults.push(format!("{at:.1}s SIGKILL every node for {down:?}"));
+                        tokio::time::sleep(down).await;
+                        for node in 1..=3 {
+                            cluster.start_node(node)?;
+                        }
+                    }
+                }
             }
             anyhow::Ok(faults)
         };
