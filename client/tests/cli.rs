@@ -33,6 +33,19 @@ async fn fishchat(node: &FakeNode, ca: &Path, user: &str, args: &[&str], stdin: 
     .expect("join")
 }
 
+/// The lines a child writes to `stdout`, as they come.
+fn lines_of(stdout: std::process::ChildStdout) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 fn command(node: &FakeNode, ca: &Path, user: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fishchat"));
     for var in [
@@ -197,14 +210,7 @@ async fn watch_prints_only_messages_that_arrive_after_it_starts() {
         .spawn()
         .expect("start watch");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let mut rx = lines_of(stdout);
     // Give watch time to log in and note the latest version.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     alice
@@ -277,14 +283,7 @@ async fn chat_sends_typed_lines_and_prints_the_peers_messages() {
         .expect("start chat");
     let mut stdin = child.stdin.take().expect("stdin");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let mut rx = lines_of(stdout);
     stdin.write_all(b"hi alice\n").expect("type");
     stdin.flush().expect("flush");
 
@@ -501,14 +500,7 @@ async fn watch_names_a_group_created_before_it_started() {
         .spawn()
         .expect("start watch");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let mut rx = lines_of(stdout);
     // Give watch time to log in and note the latest version.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     alice

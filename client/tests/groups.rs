@@ -8,22 +8,8 @@ mod support;
 use std::time::Duration;
 
 use fishchat_client::proto::{group_event, request, ErrorCode, GroupRole};
-use fishchat_client::{Client, ClientConfig, ClientError, TEXT_PLAIN};
-use support::{unavailable, FakeCluster, Fault};
-
-async fn logged_in(config: ClientConfig, name: &str) -> Client {
-    let client = Client::connect(config).await.expect("connect");
-    match client.register(name, "password1").await {
-        Ok(_)
-        | Err(ClientError::Server {
-            code: ErrorCode::UsernameTaken,
-            ..
-        }) => {}
-        Err(e) => panic!("register {name}: {e}"),
-    }
-    client.login(name, "password1", None).await.expect("login");
-    client
-}
+use fishchat_client::{Client, ClientError, TEXT_PLAIN};
+use support::{logged_in, unavailable, FakeCluster, Fault};
 
 fn id(client: &Client) -> u64 {
     client.user_id().expect("logged in")

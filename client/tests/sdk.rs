@@ -6,30 +6,15 @@ mod support;
 use std::time::Duration;
 
 use fishchat_client::proto::{kick, request, ErrorCode, LookupRequest, Request};
-use fishchat_client::{Client, ClientConfig, ClientError, Connection, TEXT_PLAIN};
-use support::{unavailable, FakeCluster, Fault, OTHER_CA_PEM};
-
-async fn logged_in(cluster: &FakeCluster, config: ClientConfig, name: &str) -> Client {
-    let client = Client::connect(config).await.expect("connect");
-    match client.register(name, "password1").await {
-        Ok(_)
-        | Err(ClientError::Server {
-            code: ErrorCode::UsernameTaken,
-            ..
-        }) => {}
-        Err(e) => panic!("register {name}: {e}"),
-    }
-    client.login(name, "password1", None).await.expect("login");
-    let _ = cluster;
-    client
-}
+use fishchat_client::{Client, ClientError, Connection, TEXT_PLAIN};
+use support::{logged_in, unavailable, FakeCluster, Fault, OTHER_CA_PEM};
 
 #[tokio::test]
 async fn a_sent_message_reaches_the_recipients_inbox_and_a_repeat_is_a_duplicate() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;
-    let alice = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
-    let bob = logged_in(&cluster, cluster.config(&[&node]), "bob").await;
+    let alice = logged_in(cluster.config(&[&node]), "alice").await;
+    let bob = logged_in(cluster.config(&[&node]), "bob").await;
 
     let bob_id = alice.lookup("BOB").await.expect("lookup").user_id;
     assert_eq!(Some(bob_id), bob.user_id());
@@ -57,7 +42,7 @@ async fn a_sent_message_reaches_the_recipients_inbox_and_a_repeat_is_a_duplicate
 async fn sync_all_follows_more_across_pages() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;
-    let alice = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let alice = logged_in(cluster.config(&[&node]), "alice").await;
     let me = alice.user_id().expect("id");
     for i in 0..8 {
         alice
@@ -89,7 +74,7 @@ async fn a_server_signed_by_another_ca_is_refused() {
 async fn request_once_sends_the_token_as_given_and_reports_the_code() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;
-    let client = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let client = logged_in(cluster.config(&[&node]), "alice").await;
     let refused = client
         .request_once(Request {
             request_id: 0,
@@ -144,7 +129,7 @@ async fn raw_bytes_get_the_servers_typed_answers() {
 async fn a_retryable_error_repeats_the_same_send() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;
-    let alice = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let alice = logged_in(cluster.config(&[&node]), "alice").await;
     let me = alice.user_id().expect("id");
     cluster.inject([unavailable()]);
     let sent = alice
@@ -159,7 +144,7 @@ async fn a_retryable_error_repeats_the_same_send() {
 async fn a_non_retryable_error_is_returned_at_once() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;
-    let alice = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let alice = logged_in(cluster.config(&[&node]), "alice").await;
     let refused = alice.send(999, "to-nobody", vec![], TEXT_PLAIN).await;
     assert_eq!(
         refused.err().and_then(|e| e.code()),
@@ -172,7 +157,7 @@ async fn a_non_retryable_error_is_returned_at_once() {
 async fn an_unanswered_send_is_repeated_with_the_same_id_after_the_timeout() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;
-    let alice = logged_in(&cluster, cluster.config(&[&node]), "alice").await;
+    let alice = logged_in(cluster.config(&[&node]), "alice").await;
     let me = alice.user_id().expect("id");
     cluster.inject([Fault::Silence]);
     let sent = alice
@@ -188,7 +173,7 @@ async fn losing_the_node_fails_over_to_the_next_and_logs_in_again() {
     let cluster = FakeCluster::new();
     let first = cluster.start_node().await;
     let second = cluster.start_node().await;
-    let alice = logged_in(&cluster, cluster.config(&[&first, &second]), "alice").await;
+    let alice = logged_in(cluster.config(&[&first, &second]), "alice").await;
     assert_eq!(alice.connected_to(), first.address());
     let me = alice.user_id().expect("id");
 
@@ -212,7 +197,7 @@ async fn failover_uses_the_addresses_learned_at_login() {
     let first = cluster.start_node().await;
     let second = cluster.start_node().await;
     cluster.set_client_addrs(vec![first.address(), second.address()]);
-    let alice = logged_in(&cluster, cluster.config(&[&first]), "alice").await;
+    let alice = logged_in(cluster.config(&[&first]), "alice").await;
     first.kill();
     alice.ping(7).await.expect("ping after failover");
     assert_eq!(alice.connected_to(), second.address());
@@ -238,8 +223,8 @@ async fn incoming_delivers_every_entry_once_in_order_across_a_failover() {
     let first = cluster.start_node().await;
     let second = cluster.start_node().await;
     let config = cluster.config(&[&first, &second]);
-    let bob = logged_in(&cluster, config.clone(), "bob").await;
-    let alice = logged_in(&cluster, cluster.config(&[&second]), "alice").await;
+    let bob = logged_in(config.clone(), "bob").await;
+    let alice = logged_in(cluster.config(&[&second]), "alice").await;
     let bob_id = bob.user_id().expect("id");
 
     alice
@@ -279,7 +264,7 @@ async fn incoming_delivers_every_entry_once_in_order_across_a_failover() {
 async fn a_replaced_session_ends_incoming_and_is_not_reopened() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;
-    let bob = logged_in(&cluster, cluster.config(&[&node]), "bob").await;
+    let bob = logged_in(cluster.config(&[&node]), "bob").await;
     let mut incoming = bob.incoming(0);
     // Let the task pick up the push stream first.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -312,7 +297,7 @@ async fn when_every_node_is_gone_a_call_ends_unreachable_at_the_deadline() {
     let mut config = cluster.config(&[&node]);
     config.connect_timeout = Duration::from_millis(200);
     config.retry_deadline = Duration::from_secs(2);
-    let alice = logged_in(&cluster, config, "alice").await;
+    let alice = logged_in(config, "alice").await;
     node.kill();
     let started = std::time::Instant::now();
     let outcome = alice.ping(1).await;

@@ -21,7 +21,7 @@ use serde_json::Value;
 mod common;
 
 use common::{
-    cli, config, field, json_lines, one_cluster_at_a_time, register, runtime,
+    cli, config, field, gap_free_inbox, json_lines, one_cluster_at_a_time, register, runtime,
     same_digests_everywhere, send_many, started, To, PASSWORD, READY, SHARDS,
 };
 
@@ -196,14 +196,8 @@ fn line_reader(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Re
 }
 
 async fn inbox_bodies(client: &Client) -> anyhow::Result<Vec<String>> {
-    let entries = client.sync_all(0).await?;
-    for (i, entry) in entries.iter().enumerate() {
-        ensure!(
-            entry.version == i as u64 + 1,
-            "gap-free versions: {entry:?}"
-        );
-    }
-    Ok(entries
+    Ok(gap_free_inbox(client)
+        .await?
         .into_iter()
         .map(|e| String::from_utf8_lossy(&e.body).into_owned())
         .collect())

@@ -17,8 +17,8 @@ use fishchat_proto::client::{group_event::Kind, ErrorCode, GroupRole, InboxEntry
 mod common;
 
 use common::{
-    cli, config, json_lines, one_cluster_at_a_time, runtime, same_digests_everywhere, send_many,
-    started, To, PASSWORD, SHARDS,
+    cli, config, gap_free_inbox, json_lines, one_cluster_at_a_time, runtime,
+    same_digests_everywhere, send_many, started, To, PASSWORD, SHARDS,
 };
 
 /// Registers `name` and returns a client logged in as it, connected first
@@ -46,14 +46,8 @@ async fn members(
 
 /// The entries of `group` in `client`'s inbox, in inbox order.
 async fn group_entries(client: &Client, group: u64) -> anyhow::Result<Vec<InboxEntry>> {
-    let entries = client.sync_all(0).await?;
-    for (i, entry) in entries.iter().enumerate() {
-        ensure!(
-            entry.version == i as u64 + 1,
-            "gap-free versions: {entry:?}"
-        );
-    }
-    Ok(entries
+    Ok(gap_free_inbox(client)
+        .await?
         .into_iter()
         .filter(|e| e.group_id == group)
         .collect())

@@ -15,8 +15,8 @@ use fishchat_proto::client::{
 };
 use fishchat_raft::{GroupHost, ReadError, WriteError};
 use fishchat_shard::{
-    account_key, decode_account, decode_entry, inbox_range, latest_version_key, revoked_key,
-    Account, Command, CommandError, Reply, ShardMap, UserId,
+    account_key, decode_account, decode_entry, decode_u64, inbox_range, latest_version_key,
+    revoked_key, Account, Command, CommandError, Reply, ShardMap, UserId,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tracing::Instrument;
@@ -695,13 +695,16 @@ impl Chat {
     /// The latest version of `user`'s inbox, read at its shard's leader.
     pub async fn latest_version(&self, user: UserId) -> Result<u64, Refusal> {
         let shard = self.map.shard_of_user(user);
-        match self.read(shard, &latest_version_key(user)).await? {
+        self.read_u64(shard, &latest_version_key(user)).await
+    }
+
+    /// A number stored at `key` in `shard` (0 when absent), read
+    /// linearizably at its leader.
+    pub(crate) async fn read_u64(&self, shard: u32, key: &[u8]) -> Result<u64, Refusal> {
+        match self.read(shard, key).await? {
             None => Ok(0),
             Some(bytes) => {
-                let array: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
-                    Refusal::new(ErrorCode::Internal, "a stored version is not 8 bytes")
-                })?;
-                Ok(u64::from_be_bytes(array))
+                decode_u64(&bytes).map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))
             }
         }
     }
@@ -718,10 +721,7 @@ impl Chat {
 
     /// One key of a shard's state, read linearizably at its leader.
     pub(crate) async fn read(&self, shard: u32, key: &[u8]) -> Result<Option<Vec<u8>>, Refusal> {
-        let mut end = key.to_vec();
-        end.push(0);
-        let rows = self.host.scan(group_of(shard), key, &end, 1).await?;
-        Ok(rows.into_iter().find(|(k, _)| k == key).map(|(_, v)| v))
+        Ok(read_key(&self.host, shard, key).await?)
     }
 
     pub(crate) async fn propose(&self, shard: u32, command: &Command) -> Result<Reply, Refusal> {
@@ -732,6 +732,18 @@ impl Chat {
             Err(e) => Err(Refusal::new(ErrorCode::Internal, e.to_string())),
         }
     }
+}
+
+/// One key of `shard`'s state, read linearizably at its leader, wherever it is.
+pub async fn read_key(
+    host: &GroupHost,
+    shard: u32,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, ReadError> {
+    let mut end = key.to_vec();
+    end.push(0);
+    let rows = host.scan(group_of(shard), key, &end, 1).await?;
+    Ok(rows.into_iter().find(|(k, _)| k == key).map(|(_, v)| v))
 }
 
 /// The client's view of a shard's refusal.

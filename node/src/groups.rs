@@ -229,10 +229,7 @@ impl Chat {
                 format!("group {group} was dissolved"),
             ));
         }
-        let latest_seq = match self.read(shard, &group_seq_key(group)).await? {
-            Some(bytes) => u64_of(&bytes)?,
-            None => 0,
-        };
+        let latest_seq = self.read_u64(shard, &group_seq_key(group)).await?;
         Ok(response::Body::GroupMembers(wire::GroupMembersResponse {
             group_id: record.id,
             name: record.name,
@@ -340,13 +337,6 @@ impl Chat {
 
 fn unknown_group(group: GroupId) -> Refusal {
     Refusal::new(ErrorCode::UnknownGroup, format!("no such group: {group}"))
-}
-
-fn u64_of(bytes: &[u8]) -> Result<u64, Refusal> {
-    let array: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| Refusal::new(ErrorCode::Internal, "a stored number is not 8 bytes"))?;
-    Ok(u64::from_be_bytes(array))
 }
 
 fn role_to_wire(role: Role) -> wire::GroupRole {

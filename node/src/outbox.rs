@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use fishchat_raft::{GroupHost, Role};
 use fishchat_shard::{
-    channel_watermark_key, outbox_channel_range, outbox_range, outbox_ref, Command, OutboxRef,
-    Outgoing, ShardId, ShardMap,
+    channel_watermark_key, decode_u64, outbox_channel_range, outbox_range, outbox_ref, Command,
+    OutboxRef, Outgoing, ShardId, ShardMap,
 };
 use tokio::sync::watch;
 
+use crate::chat::read_key;
 use crate::courier::Courier;
 use crate::node::group_of;
 
@@ -163,21 +164,9 @@ async fn applied_through(
     source: ShardId,
     target: ShardId,
 ) -> Result<u64, String> {
-    let key = channel_watermark_key(source);
-    let mut end = key.clone();
-    end.push(0);
-    let rows = host
-        .scan(group_of(target), &key, &end, 1)
-        .await
-        .map_err(|e| e.to_string())?;
-    match rows.into_iter().find(|(k, _)| *k == key) {
-        None => Ok(0),
-        Some((_, value)) => {
-            let bytes: [u8; 8] = value
-                .as_slice()
-                .try_into()
-                .map_err(|_| "a channel watermark is not 8 bytes")?;
-            Ok(u64::from_be_bytes(bytes))
-        }
+    match read_key(host, target, &channel_watermark_key(source)).await {
+        Ok(None) => Ok(0),
+        Ok(Some(value)) => decode_u64(&value).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }

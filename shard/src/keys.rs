@@ -313,7 +313,9 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(value).unwrap_or_default()
 }
 
-pub(crate) fn decode_u64(bytes: &[u8]) -> Result<u64, DecodeError> {
+/// Decodes a stored number (a version, a sequence, a watermark: 8 bytes,
+/// big-endian).
+pub fn decode_u64(bytes: &[u8]) -> Result<u64, DecodeError> {
     let array: [u8; 8] = bytes
         .try_into()
         .map_err(|_| DecodeError(format!("expected 8 bytes, got {}", bytes.len())))?;

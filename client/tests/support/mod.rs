@@ -21,7 +21,7 @@ use fishchat_client::proto::{
     LogoutResponse, LookupResponse, Notify, PingResponse, Push, RegisterResponse, Request,
     Response, SendResponse, ServerLimits, SyncResponse,
 };
-use fishchat_client::{ClientConfig, ALPN};
+use fishchat_client::{Client, ClientConfig, ClientError, ALPN};
 use fishchat_proto::frame::{self, FrameError};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -475,4 +475,20 @@ async fn write_pushes(connection: quinn::Connection, mut rx: mpsc::Receiver<Push
             return;
         }
     }
+}
+
+/// A client connected with `config` and logged in as `name` (registered
+/// first unless the name exists already), password "password1".
+pub async fn logged_in(config: ClientConfig, name: &str) -> Client {
+    let client = Client::connect(config).await.expect("connect");
+    match client.register(name, "password1").await {
+        Ok(_)
+        | Err(ClientError::Server {
+            code: ErrorCode::UsernameTaken,
+            ..
+        }) => {}
+        Err(e) => panic!("register {name}: {e}"),
+    }
+    client.login(name, "password1", None).await.expect("login");
+    client
 }

@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail, ensure, Context};
+use fishchat_client::proto::InboxEntry;
 use fishchat_client::{Client, ClientConfig};
 use fishchat_cluster_tests::{cli_binary, Cluster};
 use serde_json::Value;
@@ -167,4 +168,16 @@ pub async fn send_many(
         acked.push(body);
     }
     Ok(acked)
+}
+
+/// `client`'s whole inbox, after checking its versions are 1, 2, 3, …
+pub async fn gap_free_inbox(client: &Client) -> anyhow::Result<Vec<InboxEntry>> {
+    let entries = client.sync_all(0).await?;
+    for (i, entry) in entries.iter().enumerate() {
+        ensure!(
+            entry.version == i as u64 + 1,
+            "gap-free versions: {entry:?}"
+        );
+    }
+    Ok(entries)
 }
