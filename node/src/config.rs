@@ -76,6 +76,10 @@ pub struct Flags {
     /// The cluster's nodes as `ID=HOST:PEER_PORT,...` [default: nodes 1..3 on the port rule].
     #[arg(long, env = "FISHCHAT_PEERS")]
     pub peers: Option<String>,
+    /// Where this node dials some peers instead of their `--peers` address,
+    /// as `ID=HOST:PORT,...` (a tunnel or proxy on the way) [default: none].
+    #[arg(long, env = "FISHCHAT_PEER_ROUTES")]
+    pub peer_routes: Option<String>,
     /// Number of shards of a new cluster; must match on every node [default: 16].
     #[arg(long, env = "FISHCHAT_SHARDS")]
     pub shards: Option<u32>,
@@ -173,6 +177,8 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// Every node of the cluster (this one included): id → peer address.
     pub peers: BTreeMap<u64, String>,
+    /// Peers this node dials somewhere else than their `peers` address.
+    pub peer_routes: BTreeMap<u64, String>,
     /// Number of shards.
     pub shards: u32,
     /// Raft heartbeat and election timing.
@@ -244,6 +250,18 @@ impl Settings {
                 )))
             }
             Some(_) => {}
+        }
+        let peer_routes = match flags.peer_routes.or(file.peer_routes) {
+            Some(list) if !list.trim().is_empty() => parse_peers(&list)?,
+            _ => BTreeMap::new(),
+        };
+        if let Some(id) = peer_routes
+            .keys()
+            .find(|id| **id == node_id || !peers.contains_key(id))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "a peer route names node {id}, which is this node or not in the peer list"
+            )));
         }
         let shards = flags.shards.or(file.shards).unwrap_or(DEFAULT_SHARDS);
         if shards == 0 {
@@ -354,6 +372,7 @@ impl Settings {
             peer_listen,
             admin_listen: addr(20)?,
             peers,
+            peer_routes,
             shards,
             timing,
             write_timeout,
@@ -425,6 +444,28 @@ mod tests {
         assert_eq!(settings.node_id, 3);
         assert_eq!(settings.peer_listen.port(), 9013);
         assert_eq!(settings.shards, 8);
+    }
+
+    #[test]
+    fn peer_routes_name_other_listed_peers() {
+        let settings = Settings::resolve(Flags {
+            peer_routes: Some("2=127.0.0.1:40002, 3=127.0.0.1:40003".into()),
+            ..Flags::default()
+        })
+        .expect("valid");
+        assert_eq!(settings.peer_routes[&2], "127.0.0.1:40002");
+        assert_eq!(settings.peer_routes.len(), 2);
+        // Itself, a node not in the peer list, and a malformed entry.
+        for routes in ["1=127.0.0.1:40001", "4=127.0.0.1:40004", "2"] {
+            let refused = Settings::resolve(Flags {
+                peer_routes: Some(routes.into()),
+                ..Flags::default()
+            });
+            assert!(
+                matches!(refused, Err(ConfigError::Invalid(_))),
+                "{routes:?}"
+            );
+        }
     }
 
     #[test]

@@ -72,6 +72,7 @@ impl Node {
         host_config.timing = settings.timing.clone();
         host_config.write_timeout = settings.write_timeout;
         host_config.max_command_bytes = crate::config::MAX_COMMAND_BYTES as usize;
+        host_config.peer_routes = settings.peer_routes.clone();
         host_config.services = Some(tonic::service::Routes::new(Events::service(
             sessions.clone(),
         )));
@@ -90,7 +91,7 @@ impl Node {
             .peers
             .iter()
             .filter(|(id, _)| **id != settings.node_id)
-            .map(|(_, addr)| addr.clone())
+            .map(|(id, addr)| settings.peer_routes.get(id).unwrap_or(addr).clone())
             .collect();
         let events = Arc::new(Events::new(sessions.clone(), &other_peers));
         let (pump_stop, pump_stopped) = tokio::sync::watch::channel(false);

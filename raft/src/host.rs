@@ -95,6 +95,9 @@ pub struct HostConfig {
     /// More gRPC services to serve on the peer port beside Raft's own (the
     /// layer above uses it for its node-to-node messages).
     pub services: Option<tonic::service::Routes>,
+    /// Where to dial some peers instead of the address their group
+    /// membership records (a tunnel or a proxy in between).
+    pub peer_routes: BTreeMap<NodeId, String>,
 }
 
 impl HostConfig {
@@ -108,6 +111,7 @@ impl HostConfig {
             write_timeout: Duration::from_secs(10),
             max_command_bytes: 1024 * 1024,
             services: None,
+            peer_routes: BTreeMap::new(),
         }
     }
 }
@@ -228,7 +232,10 @@ impl GroupHost {
         );
         tracing::info!(node = config.node_id, %peer_addr, "group host started");
         Ok(Self {
-            transport: Arc::new(PeerTransport::new(config.timing.election_min)),
+            transport: Arc::new(PeerTransport::new(
+                config.timing.election_min,
+                config.peer_routes.clone(),
+            )),
             config,
             raft_config,
             syncer: Mutex::new(Some(syncer)),

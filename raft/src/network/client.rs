@@ -1,6 +1,6 @@
 //! The sending side: one channel per peer, one openraft network per group.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::error::Error;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,23 +73,29 @@ pub enum TransportError {
 pub struct PeerTransport {
     channels: Mutex<HashMap<NodeId, (String, RaftPeerClient<Channel>)>>,
     connect_timeout: Duration,
+    routes: BTreeMap<NodeId, String>,
 }
 
 impl PeerTransport {
-    /// A transport whose connection attempts give up after `connect_timeout`.
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// A transport whose connection attempts give up after `connect_timeout`
+    /// and which dials the peers in `routes` at the address given there
+    /// instead of the one their group membership records.
+    pub fn new(connect_timeout: Duration, routes: BTreeMap<NodeId, String>) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
             connect_timeout,
+            routes,
         }
     }
 
-    /// The client for `target` at `addr`, creating its channel on first use.
+    /// The client for `target` at `addr` (or its route), creating its
+    /// channel on first use.
     fn client(
         &self,
         target: NodeId,
         addr: &str,
     ) -> Result<RaftPeerClient<Channel>, TransportError> {
+        let addr = self.routes.get(&target).map_or(addr, String::as_str);
         let mut channels = self
             .channels
             .lock()
