@@ -8,20 +8,28 @@
 //! the cluster as users do, with the client SDK (`fishchat-client`) and the
 //! `fishchat` command-line client.
 //!
-//! Chaos runs: [`history`] records what clients were told; [`checker`] judges it.
+//! Chaos runs: [`history`] records what clients were told; [`checker`]
+//! judges it; [`proxy`] puts a proxy on every peer link so a test can
+//! partition the network; [`chaos`] runs the whole thing from a seed.
 
+pub mod chaos;
 pub mod checker;
 pub mod history;
+pub mod proxy;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
+
+use crate::history::ShardReplica;
+use crate::proxy::PeerLinks;
 
 /// One node process of a test cluster.
 pub struct NodeProcess {
@@ -38,6 +46,22 @@ pub struct Cluster {
     nodes: Vec<NodeProcess>,
     shards: u32,
     extra_args: Vec<String>,
+    /// The proxies on the peer links, when the cluster can be partitioned.
+    links: Option<PeerLinks>,
+}
+
+/// What cluster to start.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// How many nodes (ids 1..=nodes).
+    pub nodes: u64,
+    /// How many shards.
+    pub shards: u32,
+    /// More arguments for every node.
+    pub args: Vec<String>,
+    /// Route every peer link through a proxy the harness owns, so that
+    /// [`Cluster::partition`] can cut it.
+    pub partitionable: bool,
 }
 
 /// Next candidate base port; each cluster takes 40 ports.
@@ -53,15 +77,40 @@ impl Cluster {
     /// every node. The cluster's keys are made first, as
     /// `scripts/cluster.sh start` does.
     pub fn start_with(nodes: u64, shards: u32, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::launch(ClusterSpec {
+            nodes,
+            shards,
+            args: extra_args.iter().map(|a| a.to_string()).collect(),
+            partitionable: false,
+        })
+    }
+
+    /// Starts the cluster `spec` describes.
+    pub fn launch(spec: ClusterSpec) -> anyhow::Result<Self> {
+        let ClusterSpec {
+            nodes,
+            shards,
+            args,
+            partitionable,
+        } = spec;
         let binary = sibling_binary("fishchat-node", "FISHCHAT_NODE_BIN")?;
         let base_port = free_base_port(nodes)?;
+        let ids: Vec<u64> = (1..=nodes).collect();
+        let links = if partitionable {
+            Some(PeerLinks::start(&ids, |id| {
+                format!("127.0.0.1:{}", base_port as u64 + 10 + id)
+            })?)
+        } else {
+            None
+        };
         let mut cluster = Self {
             dir: tempfile::tempdir()?,
             binary,
             base_port,
             nodes: Vec::new(),
             shards,
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            extra_args: args,
+            links,
         };
         let init = Command::new(&cluster.binary)
             .arg("init")
@@ -88,6 +137,28 @@ impl Cluster {
             .join(",")
     }
 
+    /// The ids of the cluster's nodes.
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// Cuts every peer link between nodes on different `sides` (see
+    /// [`proxy`]); fails when the cluster was not started partitionable.
+    pub fn partition(&self, sides: &[BTreeSet<u64>]) -> anyhow::Result<()> {
+        self.links
+            .as_ref()
+            .ok_or_else(|| anyhow!("the cluster was not started partitionable"))?
+            .partition(sides);
+        Ok(())
+    }
+
+    /// Heals every partition.
+    pub fn heal(&self) {
+        if let Some(links) = &self.links {
+            links.heal();
+        }
+    }
+
     /// The data directory of node `id`.
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("node{id}"))
@@ -106,7 +177,11 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("node{as_id}.log")))?;
-        Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(links) = &self.links {
+            command.arg("--peer-routes").arg(links.routes_of(as_id));
+        }
+        command
             .arg("--node-id")
             .arg(as_id.to_string())
             .arg("--data-dir")
@@ -231,6 +306,44 @@ impl Cluster {
         serde_json::from_str(&body).context("parsing /status")
     }
 
+    /// Every running node's replicas: (shard, applied index, digest) from `/status`.
+    pub fn replicas(&self) -> anyhow::Result<BTreeMap<u64, Vec<ShardReplica>>> {
+        let mut all = BTreeMap::new();
+        for id in self.node_ids() {
+            let status = self.status(id)?;
+            let shards = status["shards"]
+                .as_array()
+                .ok_or_else(|| anyhow!("node {id}'s /status has no shards"))?;
+            let mut replicas = Vec::new();
+            for s in shards {
+                let number = |name: &str| {
+                    s[name]
+                        .as_u64()
+                        .ok_or_else(|| anyhow!("node {id}'s /status: a shard without {name}"))
+                };
+                replicas.push(ShardReplica {
+                    shard: number("shard")? as u32,
+                    applied: number("digest_index")?,
+                    digest: s["digest"]
+                        .as_str()
+                        .ok_or_else(|| anyhow!("node {id}'s /status: a shard without digest"))?
+                        .to_string(),
+                });
+            }
+            all.insert(id, replicas);
+        }
+        Ok(all)
+    }
+
+    /// `Some` when every node's replica of every shard is at the same
+    /// applied index with the same digest (for [`Cluster::eventually`]).
+    pub fn replicas_agree(&self) -> anyhow::Result<Option<()>> {
+        let all = self.replicas()?;
+        let mut views = all.values();
+        let first = views.next();
+        Ok(views.all(|view| Some(view) == first).then_some(()))
+    }
+
     /// Node `id`'s `/metrics` text.
     pub fn metrics(&self, id: u64) -> anyhow::Result<String> {
         http_get(self.admin_port(id), "/metrics")
@@ -321,11 +434,15 @@ fn sibling_binary(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test binary>
-    let profile_dir = exe
+    // target/<profile>/deps/<test binary>, or target/<profile>/<binary>
+    let mut profile_dir = exe
         .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
+        .ok_or_else(|| anyhow!("unexpected binary location {}", exe.display()))?;
+    if profile_dir.ends_with("deps") {
+        profile_dir = profile_dir
+            .parent()
+            .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
+    }
     let binary = profile_dir.join(name);
     if !binary.exists() {
         bail!(

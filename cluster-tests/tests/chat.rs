@@ -22,7 +22,7 @@ mod common;
 
 use common::{
     cli, config, field, gap_free_inbox, json_lines, one_cluster_at_a_time, register, runtime,
-    same_digests_everywhere, send_many, started, To, PASSWORD, READY, SHARDS,
+    send_many, started, To, PASSWORD, READY, SHARDS,
 };
 
 /// Registers the first of `names` whose shard differs from `other`'s, so the
@@ -237,7 +237,7 @@ fn a_killed_node_does_not_stop_chat_and_catches_up_when_restarted() -> anyhow::R
     cluster.eventually(
         "every shard has the same applied index and digest on all three nodes",
         Duration::from_secs(60),
-        same_digests_everywhere,
+        Cluster::replicas_agree,
     )?;
     let node1 = rt.block_on(async {
         let bob_on_1 = Client::connect(config(&cluster, &[1])?).await?;

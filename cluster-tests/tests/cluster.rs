@@ -3,7 +3,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fishchat_cluster_tests::Cluster;
+use fishchat_client::{Client, ClientConfig};
+use fishchat_cluster_tests::{Cluster, ClusterSpec};
 use serde_json::Value;
 
 const SHARDS: u32 = 8;
@@ -16,6 +17,17 @@ fn leaders(status: &Value) -> Option<Vec<u64>> {
         return None;
     }
     shards.iter().map(|s| s["leader"].as_u64()).collect()
+}
+
+/// Each shard's leader when all three nodes name the same one for every shard.
+fn agreed_leaders(cluster: &Cluster) -> anyhow::Result<Option<Vec<u64>>> {
+    let views: Vec<Option<Vec<u64>>> = (1..=3)
+        .map(|id| cluster.status(id).map(|s| leaders(&s)))
+        .collect::<Result<_, _>>()?;
+    Ok(match views.as_slice() {
+        [Some(a), Some(b), Some(c)] if a == b && b == c => Some(a.clone()),
+        _ => None,
+    })
 }
 
 /// (applied index, digest) per shard in a node's `/status`.
@@ -42,15 +54,11 @@ fn three_nodes_form_every_shard_fail_over_a_killed_node_and_take_it_back() -> an
 
     // Formed: every node agrees on a leader for every shard, and the first
     // leaders are spread over all three nodes.
-    let agreed = cluster.eventually("every shard has one agreed leader", PATIENCE, |c| {
-        let views: Vec<Option<Vec<u64>>> = (1..=3)
-            .map(|id| c.status(id).map(|s| leaders(&s)))
-            .collect::<Result<_, _>>()?;
-        Ok(match views.as_slice() {
-            [Some(a), Some(b), Some(c)] if a == b && b == c => Some(a.clone()),
-            _ => None,
-        })
-    })?;
+    let agreed = cluster.eventually(
+        "every shard has one agreed leader",
+        PATIENCE,
+        agreed_leaders,
+    )?;
     let leading: BTreeSet<u64> = agreed.iter().copied().collect();
     assert_eq!(
         leading,
@@ -123,5 +131,64 @@ fn a_node_refuses_another_nodes_data_directory() -> anyhow::Result<()> {
         "the refusal says why:\n{}",
         cluster.log(2)
     );
+    Ok(())
+}
+
+#[test]
+fn a_node_cut_off_from_its_peers_loses_its_shards_and_catches_up_when_healed() -> anyhow::Result<()>
+{
+    let cluster = Cluster::launch(ClusterSpec {
+        nodes: 3,
+        shards: SHARDS,
+        args: Vec::new(),
+        partitionable: true,
+    })?;
+    let agreed = cluster.eventually(
+        "every shard has one agreed leader",
+        PATIENCE,
+        agreed_leaders,
+    )?;
+    // Cut the leader of shard 0 off from both peers, both ways.
+    let cut = agreed[0];
+    let rest: BTreeSet<u64> = (1..=3).filter(|n| *n != cut).collect();
+    cluster.partition(&[BTreeSet::from([cut]), rest.clone()])?;
+    cluster.eventually(
+        "the majority leads every shard without the cut node",
+        PATIENCE,
+        |c| {
+            let views: Vec<Option<Vec<u64>>> = rest
+                .iter()
+                .map(|id| c.status(*id).map(|s| leaders(&s)))
+                .collect::<Result<_, _>>()?;
+            Ok(match views.as_slice() {
+                [Some(a), Some(b)] if a == b && !a.contains(&cut) => Some(()),
+                _ => None,
+            })
+        },
+    )?;
+    // The majority keeps taking writes: a user registers through it.
+    let majority_node = *rest
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("two nodes remain"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let config = ClientConfig::from_ca_file(
+            vec![cluster.client_addr(majority_node)],
+            cluster.ca_path(),
+        )?;
+        let client = Client::connect(config).await?;
+        client.register("partitioned", "correct horse").await?;
+        client.close();
+        anyhow::Ok(())
+    })?;
+    // Healed, the cut node takes the writes it missed: every replica agrees.
+    cluster.heal();
+    cluster.eventually(
+        "replicas converge after the partition heals",
+        PATIENCE,
+        Cluster::replicas_agree,
+    )?;
     Ok(())
 }

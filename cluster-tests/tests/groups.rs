@@ -17,8 +17,8 @@ use fishchat_proto::client::{group_event::Kind, ErrorCode, GroupRole, InboxEntry
 mod common;
 
 use common::{
-    cli, config, gap_free_inbox, json_lines, one_cluster_at_a_time, runtime,
-    same_digests_everywhere, send_many, started, To, PASSWORD, SHARDS,
+    cli, config, gap_free_inbox, json_lines, one_cluster_at_a_time, runtime, send_many, started,
+    To, PASSWORD, SHARDS,
 };
 
 /// Registers `name` and returns a client logged in as it, connected first
@@ -262,7 +262,7 @@ fn killing_the_group_shards_leader_mid_fan_out_loses_and_repeats_nothing() -> an
     cluster.eventually(
         "every replica has the same state",
         Duration::from_secs(60),
-        same_digests_everywhere,
+        Cluster::replicas_agree,
     )?;
     Ok(())
 }

@@ -292,6 +292,50 @@ pub struct Counts {
     pub unknown: u64,
 }
 
+/// One check's verdict: what it proves and how many violations it found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The check, in words, with the guarantee it proves.
+    pub check: String,
+    /// True when it found nothing.
+    pub passed: bool,
+    /// Violations it found.
+    pub violations: u64,
+}
+
+/// The checks, each with the violation kinds it reports.
+const CHECKS: [(&str, &[&str]); 8] = [
+    (
+        "G1 every acknowledged message is stored where its ack says",
+        &["lost", "version_mismatch", "group_seq_mismatch"],
+    ),
+    (
+        "G3 exactly once: no send stored twice, no refused send stored",
+        &["duplicate_entry", "duplicate_send", "failed_stored"],
+    ),
+    ("G2 every inbox's versions are 1..n", &["gap"]),
+    (
+        "order: one client's sends to one user keep their order",
+        &["reorder"],
+    ),
+    (
+        "G5 every member holds one group order",
+        &["group_out_of_order", "group_diverged"],
+    ),
+    (
+        "G6 no message nobody sent, none to a user it was not for",
+        &["phantom", "misdelivered"],
+    ),
+    (
+        "every inbox reads the same through every node",
+        &["reads_differ", "not_read"],
+    ),
+    (
+        "every shard's replicas agree (applied index and digest)",
+        &["not_converged", "replicas_diverged"],
+    ),
+];
+
 /// The checker's verdict on one run.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
@@ -305,6 +349,25 @@ impl Report {
     /// True when no guarantee was broken.
     pub fn passed(&self) -> bool {
         self.violations.is_empty()
+    }
+
+    /// Each check's verdict, in a fixed order.
+    pub fn verdicts(&self) -> Vec<Verdict> {
+        CHECKS
+            .iter()
+            .map(|(check, kinds)| {
+                let found = self
+                    .violations
+                    .iter()
+                    .filter(|v| kinds.contains(&v.kind()))
+                    .count() as u64;
+                Verdict {
+                    check: check.to_string(),
+                    passed: found == 0,
+                    violations: found,
+                }
+            })
+            .collect()
     }
 
     /// One line: the verdict, the op counts and the violations by kind.
@@ -359,7 +422,8 @@ pub fn check(history: &[Op], observed: &Observed, groups: &GroupMembers) -> Repo
     }
 }
 
-fn counts(history: &[Op]) -> Counts {
+/// How the ops of `history` ended.
+pub fn counts(history: &[Op]) -> Counts {
     let mut c = Counts {
         invoked: history.len() as u64,
         ..Counts::default()

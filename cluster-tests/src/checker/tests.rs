@@ -218,6 +218,64 @@ fn clean_history_passes() {
     };
     assert_eq!(report.counts, counts);
     assert!(report.summary().starts_with("passed: 16 ops"));
+    let verdicts = report.verdicts();
+    assert_eq!(verdicts.len(), CHECKS.len());
+    assert!(verdicts.iter().all(|v| v.passed && v.violations == 0));
+}
+
+#[test]
+fn every_violation_kind_fails_exactly_one_check() {
+    let kinds: Vec<&str> = CHECKS
+        .iter()
+        .flat_map(|(_, kinds)| kinds.iter().copied())
+        .collect();
+    let unique: BTreeSet<&str> = kinds.iter().copied().collect();
+    assert_eq!(unique.len(), kinds.len(), "no kind in two checks");
+    // A lost ack fails G1 and nothing else.
+    let report = Report {
+        counts: Counts::default(),
+        violations: vec![
+            Violation::Lost {
+                user: 2,
+                op: OpId(7),
+                message_id: 9,
+            },
+            Violation::Gap {
+                user: 2,
+                expected: 3,
+                found: 4,
+            },
+        ],
+    };
+    let failed: Vec<String> = report
+        .verdicts()
+        .into_iter()
+        .filter(|v| !v.passed)
+        .map(|v| format!("{} {}", v.violations, v.check))
+        .collect();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed[0].starts_with("1 G1 "), "{failed:?}");
+    assert!(failed[1].starts_with("1 G2 "), "{failed:?}");
+    for kind in [
+        "lost",
+        "version_mismatch",
+        "group_seq_mismatch",
+        "duplicate_entry",
+        "duplicate_send",
+        "failed_stored",
+        "phantom",
+        "misdelivered",
+        "gap",
+        "reorder",
+        "group_out_of_order",
+        "group_diverged",
+        "reads_differ",
+        "not_read",
+        "not_converged",
+        "replicas_diverged",
+    ] {
+        assert!(unique.contains(kind), "{kind} belongs to a check");
+    }
 }
 
 #[test]

@@ -110,27 +110,6 @@ pub fn register(cluster: &Cluster, server: u64, name: &str) -> anyhow::Result<u6
     field(first, "user_id")
 }
 
-pub fn same_digests_everywhere(cluster: &Cluster) -> anyhow::Result<Option<()>> {
-    let mut views = Vec::new();
-    for id in 1..=3 {
-        let status = cluster.status(id)?;
-        let shards = status["shards"]
-            .as_array()
-            .ok_or_else(|| anyhow!("no shards"))?
-            .iter()
-            .map(|s| {
-                (
-                    s["shard"].clone(),
-                    s["applied"].clone(),
-                    s["digest"].clone(),
-                )
-            })
-            .collect::<Vec<_>>();
-        views.push(shards);
-    }
-    Ok((views[0] == views[1] && views[1] == views[2]).then_some(()))
-}
-
 /// Where [`send_many`] sends.
 #[derive(Clone, Copy, Debug)]
 pub enum To {
