@@ -7,11 +7,12 @@
 #   scripts/chaos.sh [--duration 10m] [--seed S] [--nodes 3|5] [--clients N] [--out DIR]
 #
 # Prints progress while it runs and a summary at the end; writes report.json,
-# summary.txt, history.jsonl and observed.json into DIR (default
-# chaos-runs/seed-S). Exits 1 when a guarantee was broken. Builds the release
+# summary.txt, history.jsonl, observed.json and the node logs into DIR
+# (default chaos-runs/seed-S in the repository). Exits 1 when a guarantee was broken. Builds the release
 # profile, the same build as `scripts/cluster.sh start`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+caller=$PWD
 cd "$root"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fishchat/target}"
 
@@ -20,7 +21,11 @@ args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seed) seed=${2:?--seed needs a value}; shift 2 ;;
-    --duration | --nodes | --clients | --shards | --out)
+    --out)
+      out=${2:?--out needs a value}
+      case "$out" in /*) ;; *) out="$caller/$out" ;; esac
+      args+=(--out "$out"); shift 2 ;;
+    --duration | --nodes | --clients | --shards)
       args+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
     -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "chaos.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;

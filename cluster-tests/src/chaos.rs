@@ -4,8 +4,9 @@
 //! [history](crate::history) against every inbox read through every node.
 //!
 //! The nemesis injects one fault at a time, holds it (kills 1–5 s, freezes
-//! 1–8 s, partitions 2 s up to a twelfth of the run, at most 20 s), repairs
-//! it, and lets the cluster run two to five seconds before the next.
+//! 1–8 s, partitions from 2 s up to a twelfth of the run, but between 5 and
+//! 20 s), repairs it, and lets the cluster run two to five seconds before
+//! the next. No fault outlasts the sending.
 //! It draws the faults in rounds: each round is every [`FaultKind`] once, in
 //! an order the seed shuffles, so even a short run sees each kind and a long
 //! one sees them all about equally often.
@@ -211,11 +212,13 @@ impl ChaosReport {
         }
         let _ = writeln!(
             s,
-            "verdict: {}; reproduce with: scripts/chaos.sh --seed {} --duration {}s --nodes {}",
+            "verdict: {}; reproduce with: scripts/chaos.sh --seed {} --duration {}s --nodes {} --clients {} --shards {}",
             if self.passed { "PASSED" } else { "FAILED" },
             self.seed,
             self.duration_secs,
-            self.nodes
+            self.nodes,
+            self.clients,
+            self.shards
         );
         s
     }
@@ -297,7 +300,7 @@ pub fn run(config: &ChaosConfig) -> anyhow::Result<ChaosReport> {
         let progress = report_progress(config, sending, until, &history, &faults);
         let (_, nemesis, ()) = tokio::join!(
             futures::future::join_all(workers),
-            nemesis(&mut cluster, config, until, &faults),
+            nemesis(&mut cluster, config, sending, until, &faults),
             progress
         );
         for (client, _) in &clients {
@@ -309,12 +312,18 @@ pub fn run(config: &ChaosConfig) -> anyhow::Result<ChaosReport> {
     if config.progress {
         eprintln!("\nchaos: sending done; waiting for the cluster to settle, then reading back");
     }
-    settle(&cluster)?;
-    let inboxes = runtime.block_on(read_back(&cluster, &users))?;
-    settle(&cluster)?;
-    let observed = Observed {
-        inboxes,
-        replicas: cluster.replicas()?,
+    // From here on a failure is what a post-mortem needs most: the history
+    // and the node logs are written before anything can fail.
+    history.write_jsonl(&config.out_dir.join("history.jsonl"))?;
+    let observed = match observe(&cluster, &runtime, &users) {
+        Ok(observed) => observed,
+        Err(e) => {
+            save_logs(&cluster, &config.out_dir)?;
+            return Err(e.context(format!(
+                "the cluster did not settle after the faults; history and node logs are in {}",
+                config.out_dir.display()
+            )));
+        }
     };
     let members: BTreeSet<UserId> = users[..users.len() - 2].iter().map(|u| u.1).collect();
     let outsiders: BTreeSet<UserId> = users[users.len() - 2..].iter().map(|u| u.1).collect();
@@ -360,13 +369,36 @@ pub fn run(config: &ChaosConfig) -> anyhow::Result<ChaosReport> {
         checks,
         violations: checked.violations,
     };
-    write_files(&config.out_dir, &report, &history, &observed)?;
+    write_files(&config.out_dir, &report, &observed)?;
+    save_logs(&cluster, &config.out_dir)?;
+    Ok(report)
+}
+
+/// Every node's log, into `dir`.
+fn save_logs(cluster: &Cluster, dir: &Path) -> anyhow::Result<()> {
     for id in cluster.node_ids() {
-        let path = config.out_dir.join(format!("node{id}.log"));
+        let path = dir.join(format!("node{id}.log"));
         std::fs::write(&path, cluster.log(id))
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(report)
+    Ok(())
+}
+
+/// Waits for the cluster to settle and reads what it holds: every inbox
+/// through every node, every replica's digest. Replicas that do not come to
+/// agree are left for the checker to report, with their indexes and digests.
+fn observe(
+    cluster: &Cluster,
+    runtime: &tokio::runtime::Runtime,
+    users: &[(String, UserId)],
+) -> anyhow::Result<Observed> {
+    settle(cluster);
+    let inboxes = runtime.block_on(read_back(cluster, users))?;
+    settle(cluster);
+    Ok(Observed {
+        inboxes,
+        replicas: cluster.replicas()?,
+    })
 }
 
 /// Registers the run's users and makes its group (every user but the last two).
@@ -475,10 +507,24 @@ async fn work(
 }
 
 /// Injects faults until `until` (less the time one needs), recording each in
-/// `faults`; leaves every node running and every link healed.
+/// `faults`; leaves every node running and every link healed, also when an
+/// injection fails.
 async fn nemesis(
     cluster: &mut Cluster,
     config: &ChaosConfig,
+    sending: Instant,
+    until: Instant,
+    faults: &Mutex<Vec<Fault>>,
+) -> anyhow::Result<()> {
+    let injected = inject(cluster, config, sending, until, faults).await;
+    let repaired = cluster.repair();
+    injected.and(repaired)
+}
+
+async fn inject(
+    cluster: &mut Cluster,
+    config: &ChaosConfig,
+    sending: Instant,
     until: Instant,
     faults: &Mutex<Vec<Fault>>,
 ) -> anyhow::Result<()> {
@@ -486,7 +532,6 @@ async fn nemesis(
     // Long runs also hold partitions past the peers' HTTP/2 keep-alive
     // (15 s), so broken connections and reconnection are exercised too.
     let longest_cut = (config.duration.as_millis() as u64 / 12).clamp(5000, 20_000);
-    let started = Instant::now();
     let ids = cluster.node_ids();
     let majority = ids.len() / 2 + 1;
     let mut round: Vec<FaultKind> = Vec::new();
@@ -507,6 +552,8 @@ async fn nemesis(
             FaultKind::Freeze => dice.millis(1000, 8000),
             FaultKind::IsolateOne | FaultKind::IsolateLeader => dice.millis(2000, longest_cut),
         };
+        // A fault ends when sending does.
+        let held = held.min(until.saturating_duration_since(Instant::now()));
         let first = dice.below(ids.len() as u64) as usize;
         // `count` nodes from the `first`, wrapping.
         let pick = |count: usize| -> Vec<u64> {
@@ -525,7 +572,15 @@ async fn nemesis(
                 side
             }
         };
-        let at_secs = started.elapsed().as_secs_f64();
+        faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Fault {
+                at_secs: sending.elapsed().as_secs_f64(),
+                kind,
+                nodes: struck.clone(),
+                held_ms: held.as_millis() as u64,
+            });
         match kind {
             FaultKind::KillOne | FaultKind::KillMajority | FaultKind::KillAll => {
                 for &n in &struck {
@@ -550,15 +605,6 @@ async fn nemesis(
                 cluster.heal();
             }
         }
-        faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Fault {
-                at_secs,
-                kind,
-                nodes: struck,
-                held_ms: held.as_millis() as u64,
-            });
     }
     Ok(())
 }
@@ -597,7 +643,7 @@ async fn report_progress(
     };
     while Instant::now() < until {
         tokio::time::sleep(every).await;
-        let counts = crate::checker::counts(&history.ops());
+        let (invoked, ok, failed, unknown) = history.tally();
         let (injected, last) = {
             let faults = faults.lock().unwrap_or_else(|p| p.into_inner());
             let last = faults
@@ -610,10 +656,10 @@ async fn report_progress(
             "chaos: {:>5.0}/{:.0} s  ops {} ok {} failed {} unknown {}  faults {} (last: {})",
             sending.elapsed().as_secs_f64(),
             config.duration.as_secs_f64(),
-            counts.invoked,
-            counts.ok,
-            counts.failed,
-            counts.unknown,
+            invoked,
+            ok,
+            failed,
+            unknown,
             injected,
             last
         );
@@ -625,24 +671,31 @@ async fn report_progress(
     }
 }
 
-/// Waits until every node sees every shard's leader and every replica
-/// agrees, then gives fan-out the pump carries after a crash (due within
-/// seconds) the time to land, and waits for agreement again.
-fn settle(cluster: &Cluster) -> anyhow::Result<()> {
+/// Waits (90 s at most each) until every node sees every shard's leader
+/// and every replica agrees, then gives fan-out the pump carries after a
+/// crash (due within seconds) the time to land, and waits for agreement
+/// again. What never settles is left to the reads and the checker, which
+/// report it.
+fn settle(cluster: &Cluster) {
+    let patience = Duration::from_secs(90);
     for id in cluster.node_ids() {
-        cluster.wait_ready(id, Duration::from_secs(90))?;
+        if let Err(e) = cluster.wait_ready(id, patience) {
+            eprintln!("chaos: {e:#}");
+        }
     }
-    cluster.eventually(
-        "every replica has the same state",
-        Duration::from_secs(90),
-        Cluster::replicas_agree,
-    )?;
-    std::thread::sleep(Duration::from_secs(4));
-    cluster.eventually(
-        "every replica has the same state",
-        Duration::from_secs(90),
-        Cluster::replicas_agree,
-    )
+    let agree = || {
+        cluster
+            .eventually(
+                "every replica has the same state",
+                patience,
+                Cluster::replicas_agree,
+            )
+            .map_err(|e| eprintln!("chaos: {e:#}"))
+    };
+    if agree().is_ok() {
+        std::thread::sleep(Duration::from_secs(4));
+        let _ = agree();
+    }
 }
 
 /// Every user's inbox, read through every node.
@@ -681,18 +734,12 @@ async fn read_back(
     Ok(inboxes)
 }
 
-fn write_files(
-    dir: &Path,
-    report: &ChaosReport,
-    history: &History,
-    observed: &Observed,
-) -> anyhow::Result<()> {
+fn write_files(dir: &Path, report: &ChaosReport, observed: &Observed) -> anyhow::Result<()> {
     let write = |name: &str, text: String| {
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
     };
     write("report.json", serde_json::to_string_pretty(report)?)?;
     write("summary.txt", report.summary())?;
-    write("observed.json", serde_json::to_string(observed)?)?;
-    history.write_jsonl(&dir.join("history.jsonl"))
+    write("observed.json", serde_json::to_string(observed)?)
 }

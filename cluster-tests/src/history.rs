@@ -235,6 +235,22 @@ impl History {
             .clone()
     }
 
+    /// How many ops were invoked, and how many of them ended ok, failed and
+    /// unknown so far (an op not completed yet counts as unknown), without
+    /// copying the history.
+    pub fn tally(&self) -> (u64, u64, u64, u64) {
+        let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut ok, mut failed, mut unknown) = (0, 0, 0);
+        for op in &log.ops {
+            match op.outcome {
+                Outcome::Ok { .. } => ok += 1,
+                Outcome::Failed { .. } => failed += 1,
+                Outcome::Unknown { .. } => unknown += 1,
+            }
+        }
+        (log.ops.len() as u64, ok, failed, unknown)
+    }
+
     /// Writes every op so far to `path`, one JSON object a line.
     pub fn write_jsonl(&self, path: &Path) -> anyhow::Result<()> {
         let file =

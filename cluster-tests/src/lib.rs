@@ -171,6 +171,20 @@ impl Cluster {
         Ok(())
     }
 
+    /// Undoes every fault: heals every partition, thaws (SIGCONT) every
+    /// running node and starts every node that is not running.
+    pub fn repair(&mut self) -> anyhow::Result<()> {
+        self.heal();
+        for id in self.node_ids() {
+            if self.node_mut(id)?.child.is_some() {
+                self.signal(id, "CONT")?;
+            } else {
+                self.start_node(id)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Spawns the node binary as node `as_id` on the data directory of node `dir_of`.
     fn spawn(&self, as_id: u64, dir_of: u64) -> anyhow::Result<Child> {
         let log = std::fs::OpenOptions::new()

@@ -119,7 +119,16 @@ impl Drop for PeerLinks {
 /// Accepts connections on `listener` and carries each to `target` while the
 /// link is up.
 async fn carry(listener: TcpListener, target: String, is_up: watch::Receiver<bool>) {
-    while let Ok((inbound, _)) = listener.accept().await {
+    loop {
+        let inbound = match listener.accept().await {
+            Ok((inbound, _)) => inbound,
+            Err(e) => {
+                // Out of descriptors, say: the link must not die for good.
+                eprintln!("peer proxy to {target}: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let target = target.clone();
         let is_up = is_up.clone();
         tokio::spawn(async move {
@@ -159,6 +168,10 @@ async fn pipe(
             break;
         }
     }
+    // The end of a connection crosses a cut link no sooner than its bytes:
+    // the other side learns of it when the link heals. Both sockets stay
+    // open until both directions are done.
+    let _ = wait_up(is_up).await;
     let _ = to.shutdown().await;
 }
 
@@ -169,4 +182,84 @@ async fn wait_up(mut is_up: watch::Receiver<bool>) -> anyhow::Result<()> {
         .await
         .map(|_| ())
         .context("the proxies stopped")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Reads what arrives within `wait`: the bytes, or `None` at end of stream.
+    fn read_within(stream: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+        stream.set_read_timeout(Some(wait)).expect("timeout");
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf) {
+            Ok(0) => None,
+            Ok(n) => Some(buf[..n].to_vec()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                Some(Vec::new())
+            }
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_cut_link_holds_bytes_and_the_close_until_it_heals() {
+        let peer = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer_addr = peer.local_addr().expect("addr").to_string();
+        let links = PeerLinks::start(&[1, 2], |_| peer_addr.clone()).expect("proxies");
+        let routes = links.routes_of(1);
+        let via = routes.strip_prefix("2=").expect("node 1's route to node 2");
+        let mut from_one = TcpStream::connect(via).expect("connect");
+        let (mut at_two, _) = peer.accept().expect("the proxy reaches the peer");
+        let short = Duration::from_millis(300);
+
+        from_one.write_all(b"hello").expect("write");
+        assert_eq!(
+            read_within(&mut at_two, Duration::from_secs(5)),
+            Some(b"hello".to_vec())
+        );
+
+        links.partition(&[BTreeSet::from([1]), BTreeSet::from([2])]);
+        assert_eq!(links.cut(), vec![(1, 2), (2, 1)]);
+        from_one.write_all(b"world").expect("write");
+        assert_eq!(
+            read_within(&mut at_two, short),
+            Some(Vec::new()),
+            "held while cut"
+        );
+        links.heal();
+        assert_eq!(
+            read_within(&mut at_two, Duration::from_secs(5)),
+            Some(b"world".to_vec())
+        );
+
+        links.partition(&[BTreeSet::from([1]), BTreeSet::from([2])]);
+        drop(from_one);
+        assert_eq!(
+            read_within(&mut at_two, short),
+            Some(Vec::new()),
+            "the close is held too"
+        );
+        links.heal();
+        assert_eq!(
+            read_within(&mut at_two, Duration::from_secs(5)),
+            None,
+            "and then arrives"
+        );
+        assert!(links.cut().is_empty());
+    }
+
+    #[test]
+    fn a_partition_cuts_only_links_between_sides() {
+        let links =
+            PeerLinks::start(&[1, 2, 3], |id| format!("127.0.0.1:{}", 9 + id)).expect("proxies");
+        links.partition(&[BTreeSet::from([1]), BTreeSet::from([2, 3])]);
+        assert_eq!(links.cut(), vec![(1, 2), (1, 3), (2, 1), (3, 1)]);
+        links.heal();
+        assert!(links.cut().is_empty());
+    }
 }

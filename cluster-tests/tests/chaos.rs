@@ -38,13 +38,14 @@ fn acknowledged_messages_survive_kills_freezes_and_partitions_on_a_seeded_schedu
         out_dir: out.path().to_path_buf(),
         progress: false,
     };
-    let report = run(&config)?;
-    println!("{}", report.summary());
-    if !report.passed {
-        // Keep the history and the final state for a post-mortem.
+    let result = run(&config);
+    if !matches!(&result, Ok(report) if report.passed) {
+        // Keep the history, the final state and the logs for a post-mortem.
         let kept = out.keep();
         println!("chaos: files kept in {}", kept.display());
     }
+    let report = result?;
+    println!("{}", report.summary());
     ensure!(report.passed, "the chaos run found violations (above)");
     ensure!(
         report.faults_by_kind.len() == FaultKind::ALL.len(),
