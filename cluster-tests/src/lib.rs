@@ -64,6 +64,31 @@ pub struct ClusterSpec {
     pub partitionable: bool,
 }
 
+/// Node processes started by any cluster of this process and not reaped yet.
+static LIVE: std::sync::Mutex<BTreeSet<u32>> = std::sync::Mutex::new(BTreeSet::new());
+
+fn live() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits for a killed child and forgets it.
+fn reap(child: &mut Child) {
+    let _ = child.wait();
+    live().remove(&child.id());
+}
+
+/// SIGKILLs every node process that a cluster of this process started and
+/// has not reaped: for a program stopped by a signal, whose clusters are
+/// never dropped.
+pub fn kill_every_node() {
+    for pid in live().iter() {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
 /// Next candidate base port; each cluster takes 40 ports.
 static NEXT_BASE: AtomicU16 = AtomicU16::new(0);
 
@@ -212,6 +237,9 @@ impl Cluster {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
+            .inspect(|child| {
+                live().insert(child.id());
+            })
             .with_context(|| format!("spawning {}", self.binary.display()))
     }
 
@@ -238,7 +266,7 @@ impl Cluster {
     pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
         if let Some(mut child) = self.node_mut(id)?.child.take() {
             child.kill()?;
-            child.wait()?;
+            reap(&mut child);
         }
         Ok(())
     }
@@ -416,7 +444,7 @@ impl Drop for Cluster {
         for node in &mut self.nodes {
             if let Some(mut child) = node.child.take() {
                 let _ = child.kill();
-                let _ = child.wait();
+                reap(&mut child);
             }
         }
     }
@@ -426,10 +454,12 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> anyhow::Result<ExitStatus>
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {
+            live().remove(&child.id());
             return Ok(status);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
+            reap(child);
             bail!("process {} did not exit within {timeout:?}", child.id());
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use fishchat_cluster_tests::chaos::{run, ChaosConfig};
+use fishchat_cluster_tests::kill_every_node;
 
 /// Runs a chaos session and judges it.
 #[derive(Parser, Debug)]
@@ -83,12 +84,38 @@ fn main() -> anyhow::Result<()> {
         config.duration.as_secs(),
         config.out_dir.display()
     );
+    stop_nodes_on_signal()?;
     let report = run(&config)?;
     println!("{}", report.summary());
     println!("report: {}", config.out_dir.join("report.json").display());
     if !report.passed {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// On Ctrl-C or SIGTERM, kills the run's nodes and exits (130): a run
+/// stopped half-way leaves nothing running.
+fn stop_nodes_on_signal() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        runtime.block_on(async {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            eprintln!("\nchaos: stopped by a signal; killing the nodes");
+            kill_every_node();
+            std::process::exit(130);
+        });
+    });
     Ok(())
 }
 
