@@ -14,7 +14,7 @@ use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
     Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -392,8 +392,18 @@ fn network<E: Error>(err: TransportError) -> PeerRpcError<E> {
 }
 
 /// A failed connection means "back off"; anything else is worth a retry.
+///
+/// The peer's service answers refusals inside the reply, never as a gRPC
+/// status, so a status comes from the transport: `Unavailable` (no
+/// connection), `Cancelled` (the connection went away under the call, or
+/// dialling timed out) and `Unknown` (a transport error) all say the peer
+/// cannot be reached now. Retrying those at once made a leader spin on a
+/// dead peer, thousands of failed calls and log lines a second.
 fn from_status<E: Error>(status: tonic::Status) -> PeerRpcError<E> {
-    let unreachable = status.code() == tonic::Code::Unavailable;
+    let unreachable = matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    );
     let err = TransportError::Status(status);
     if unreachable {
         RPCError::Unreachable(Unreachable::new(&err))
@@ -433,5 +443,48 @@ impl RaftNetwork<TypeConfig> for GroupPeer {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, PeerRpcError<openraft::error::Infallible>> {
         self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
+    }
+
+    /// After an unreachable peer: retry soon (a restarted peer is back in
+    /// well under a second), then less and less often, at most every 500 ms.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(unreachable_backoff())
+    }
+}
+
+/// The waits before each retry to an unreachable peer: 50 ms, doubling to
+/// 500 ms.
+fn unreachable_backoff() -> impl Iterator<Item = Duration> + Send + 'static {
+    (0u32..).map(|n| {
+        Duration::from_millis(50u64.saturating_mul(1 << n.min(4))).min(UNREACHABLE_WAIT_MAX)
+    })
+}
+
+/// The longest wait before retrying an unreachable peer.
+const UNREACHABLE_WAIT_MAX: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_failures_are_unreachable_and_back_off() {
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::Cancelled,
+            tonic::Code::Unknown,
+        ] {
+            let err: PeerRpcError<openraft::error::Infallible> =
+                from_status(tonic::Status::new(code, "transport error"));
+            assert!(matches!(err, RPCError::Unreachable(_)), "{code:?}: {err:?}");
+        }
+        let err: PeerRpcError<openraft::error::Infallible> =
+            from_status(tonic::Status::new(tonic::Code::DeadlineExceeded, "slow"));
+        assert!(matches!(err, RPCError::Network(_)), "{err:?}");
+        let waits: Vec<u64> = unreachable_backoff()
+            .take(7)
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_eq!(waits, vec![50, 100, 200, 400, 500, 500, 500]);
     }
 }
