@@ -5,6 +5,7 @@
 //! stderr with their code; the exit status is 1 for a failure and 2 for a
 //! usage error. The `group` commands live in `groups.rs`.
 
+mod bench;
 mod groups;
 mod output;
 mod session;
@@ -70,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Measure the cluster: throughput and latency as users load it.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
     /// Print a node's shards (its admin API's GET /status) as a table.
     Status {
         /// The admin address (default: the first server's port + 20).
@@ -133,6 +139,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Status { admin } => show_status(&settings, admin).await,
         Command::Register => register(&settings).await,
+        Command::Bench { command } => bench::run(&settings, command).await,
         Command::Send { to, text } => {
             let mut session = Session::open(&settings).await?;
             let recipient = session.resolve(&to).await?;
