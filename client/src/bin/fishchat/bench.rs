@@ -271,16 +271,26 @@ fn password(prefix: &str) -> String {
     format!("{prefix}-bench-password")
 }
 
-/// The ids of users `<prefix>0..count`, registering those missing.
+/// The ids of users `<prefix>0..count`, registering those missing (the
+/// ids of those registered before are looked up, logged in as the first).
 async fn ensure_users(settings: &Settings, prefix: &str, count: usize) -> anyhow::Result<Vec<u64>> {
     let client = Client::connect(config_for(settings, 0)?).await?;
     let password = password(prefix);
     let mut ids = Vec::with_capacity(count);
+    let mut logged_in = false;
     for i in 0..count {
         let name = format!("{prefix}{i}");
         let id = match client.register(&name, &password).await {
             Ok(id) => id,
             Err(e) if e.code() == Some(ErrorCode::UsernameTaken) => {
+                if !logged_in {
+                    let first = format!("{prefix}0");
+                    client
+                        .login(&first, &password, Some("bench-setup"))
+                        .await
+                        .with_context(|| format!("logging in {first} to look users up"))?;
+                    logged_in = true;
+                }
                 client.lookup(&name).await?.user_id
             }
             Err(e) => return Err(e).with_context(|| format!("registering {name}")),
