@@ -643,7 +643,7 @@ async fn report_progress(
     };
     while Instant::now() < until {
         tokio::time::sleep(every).await;
-        let (invoked, ok, failed, unknown) = history.tally();
+        let counts = history.counts();
         let (injected, last) = {
             let faults = faults.lock().unwrap_or_else(|p| p.into_inner());
             let last = faults
@@ -656,10 +656,10 @@ async fn report_progress(
             "chaos: {:>5.0}/{:.0} s  ops {} ok {} failed {} unknown {}  faults {} (last: {})",
             sending.elapsed().as_secs_f64(),
             config.duration.as_secs_f64(),
-            invoked,
-            ok,
-            failed,
-            unknown,
+            counts.invoked,
+            counts.ok,
+            counts.failed,
+            counts.unknown,
             injected,
             last
         );

@@ -235,20 +235,10 @@ impl History {
             .clone()
     }
 
-    /// How many ops were invoked, and how many of them ended ok, failed and
-    /// unknown so far (an op not completed yet counts as unknown), without
-    /// copying the history.
-    pub fn tally(&self) -> (u64, u64, u64, u64) {
-        let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        let (mut ok, mut failed, mut unknown) = (0, 0, 0);
-        for op in &log.ops {
-            match op.outcome {
-                Outcome::Ok { .. } => ok += 1,
-                Outcome::Failed { .. } => failed += 1,
-                Outcome::Unknown { .. } => unknown += 1,
-            }
-        }
-        (log.ops.len() as u64, ok, failed, unknown)
+    /// How the ops so far ended (one not completed yet counts as unknown),
+    /// counted under the lock, without copying the history.
+    pub fn counts(&self) -> crate::checker::Counts {
+        crate::checker::counts(&self.log.lock().unwrap_or_else(PoisonError::into_inner).ops)
     }
 
     /// Writes every op so far to `path`, one JSON object a line.
