@@ -342,7 +342,7 @@ impl GroupHost {
         )
         .await
         .map_err(|e| HostError::Stopped(e.to_string()))?;
-        self.local.groups.insert(group, raft);
+        self.local.insert(group, raft);
         self.counters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -543,7 +543,7 @@ impl GroupHost {
     /// Stops every group and the peer server, and waits (up to ten seconds)
     /// until storage is released, so the data directory can be reopened.
     pub async fn shutdown(&self) {
-        for (group, raft) in self.local.groups.drain() {
+        for (group, raft) in self.local.drain() {
             if let Err(e) = raft.shutdown().await {
                 tracing::warn!(group, error = %e, "group did not stop cleanly");
             }

@@ -20,6 +20,11 @@
 //!   syncer takes every append waiting at that moment, from every group, and
 //!   covers them all with one `SyncWAL` (group commit). Under load one fsync
 //!   acknowledges appends of many groups; idle, an append waits for one fsync.
+//! * **One entry for many commands.** Writes to a group queue in front of it
+//!   and leave as one Raft entry holding every command waiting, with at most
+//!   two entries of a group in flight (see `proposer`): under load, one
+//!   append, one replication round and one apply serve many commands; idle,
+//!   a command leaves at once, alone.
 //! * **One gRPC connection per peer node.** Every group's append-entries, vote
 //!   and snapshot-chunk RPCs to a peer share one HTTP/2 channel that reconnects
 //!   by itself; openraft backs off while a peer is unreachable (see
@@ -55,6 +60,7 @@ mod forward;
 pub mod host;
 mod local;
 pub mod network;
+mod proposer;
 pub mod state_machine;
 pub mod storage;
 pub mod types;
@@ -62,4 +68,4 @@ pub mod types;
 pub use error::{HostError, ReadError, WriteError};
 pub use host::{GroupHost, GroupStatus, HostConfig, RaftTiming, Role};
 pub use state_machine::{ApplyError, MemoryState, StateMachine, StateTxn};
-pub use types::{Command, GroupId, KeyValue, NodeId, Response, TypeConfig};
+pub use types::{Batch, Command, GroupId, KeyValue, NodeId, Response, Responses, TypeConfig};

@@ -2,15 +2,18 @@
 //! write and linearizable read takes on the node that leads the group, whether
 //! the node's application asked or a peer forwarded it. Nothing here forwards.
 
+use std::collections::HashMap;
+use std::sync::RwLock;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::error::{CheckIsLeaderError, ForwardToLeader, RaftError};
 use openraft::BasicNode;
 
 use crate::error::{ReadError, WriteError};
 use crate::network::GroupTable;
+use crate::proposer::Proposer;
 use crate::storage::{self, Engine};
-use crate::types::{Command, GroupId, KeyValue, NodeId};
+use crate::types::{GroupId, KeyValue, NodeId, Raft};
 
 /// Limits applied to every write, local or forwarded.
 #[derive(Clone, Copy, Debug)]
@@ -21,9 +24,10 @@ pub(crate) struct WriteLimits {
     pub(crate) max_command_bytes: usize,
 }
 
-/// The groups open on this node and the storage they share.
+/// The groups open on this node, their write queues and the storage they share.
 pub(crate) struct LocalGroups {
     pub(crate) groups: GroupTable,
+    proposers: RwLock<HashMap<GroupId, Proposer>>,
     engine: Engine,
     limits: WriteLimits,
 }
@@ -32,9 +36,37 @@ impl LocalGroups {
     pub(crate) fn new(engine: Engine, limits: WriteLimits) -> Self {
         Self {
             groups: GroupTable::default(),
+            proposers: RwLock::new(HashMap::new()),
             engine,
             limits,
         }
+    }
+
+    /// Hosts `group` and starts its write queue; false if it is already hosted.
+    pub(crate) fn insert(&self, group: GroupId, raft: Raft) -> bool {
+        let proposer = Proposer::start(
+            group,
+            raft.clone(),
+            self.limits.max_command_bytes,
+            self.limits.timeout,
+        );
+        if !self.groups.insert(group, raft) {
+            return false;
+        }
+        self.proposers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group, proposer);
+        true
+    }
+
+    /// Stops hosting every group (their write queues end) and returns them.
+    pub(crate) fn drain(&self) -> Vec<(GroupId, Raft)> {
+        self.proposers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.groups.drain()
     }
 
     /// The node's storage.
@@ -42,15 +74,19 @@ impl LocalGroups {
         &self.engine
     }
 
-    /// Proposes `command` to this node's replica of `group`, which must lead.
+    /// Proposes `command` to this node's replica of `group`, which must
+    /// lead, through the group's write queue (see [`crate::proposer`]).
     pub(crate) async fn write(
         &self,
         group: GroupId,
         command: Vec<u8>,
     ) -> Result<Vec<u8>, WriteError> {
-        let raft = self
-            .groups
-            .get(group)
+        let proposer = self
+            .proposers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
             .ok_or(WriteError::UnknownGroup(group))?;
         if command.len() > self.limits.max_command_bytes {
             return Err(WriteError::TooLarge {
@@ -59,23 +95,9 @@ impl LocalGroups {
             });
         }
         let timeout = self.limits.timeout;
-        let written = tokio::time::timeout(timeout, raft.client_write(Command(command))).await;
-        match written {
-            Err(_) => Err(WriteError::Timeout { group, timeout }),
-            Ok(Ok(answer)) => Ok(answer.data.0),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                let (leader, leader_addr) = hint(forward);
-                Err(WriteError::NotLeader {
-                    group,
-                    leader,
-                    leader_addr,
-                })
-            }
-            Ok(Err(e)) => Err(WriteError::Stopped {
-                group,
-                detail: e.to_string(),
-            }),
-        }
+        tokio::time::timeout(timeout, proposer.propose(group, command))
+            .await
+            .map_err(|_| WriteError::Timeout { group, timeout })?
     }
 
     /// Returns once this replica has confirmed, with a quorum, that it leads

@@ -22,17 +22,28 @@ pub struct Command(#[serde(with = "serde_bytes")] pub Vec<u8>);
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
-impl fmt::Display for Command {
+/// The payload of one Raft entry: the commands proposed together, applied
+/// one after another in this order, in one storage transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<Command>);
+
+/// The answers to a [`Batch`], one per command, in its order (none for an
+/// entry that carries no commands: a blank or a membership change).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Responses(pub Vec<Response>);
+
+impl fmt::Display for Batch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Command({} bytes)", self.0.len())
+        let bytes: usize = self.0.iter().map(|c| c.0.len()).sum();
+        write!(f, "Batch({} commands, {bytes} bytes)", self.0.len())
     }
 }
 
 openraft::declare_raft_types!(
     /// openraft types for every FishChat Raft group.
     pub TypeConfig:
-        D = Command,
-        R = Response,
+        D = Batch,
+        R = Responses,
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,

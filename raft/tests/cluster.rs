@@ -63,7 +63,17 @@ async fn sixteen_groups_replicate_twenty_thousand_writes_identically_on_three_ho
         let sample: Vec<usize> = (0..20_000).step_by(997).collect();
         assert_holds_writes(&host, &cluster.groups, &sample)?;
     }
-    let stats = cluster.host(0)?.storage_stats();
+    let host = cluster.host(0)?;
+    let entries: u64 = cluster
+        .groups
+        .iter()
+        .filter_map(|group| host.status(*group).map(|s| s.applied))
+        .sum();
+    assert!(
+        entries < 20_000,
+        "concurrent writes to a group share Raft entries: 20000 writes took {entries} entries"
+    );
+    let stats = host.storage_stats();
     assert!(
         stats.writes_per_sync() > 1.0,
         "group commit makes one WAL sync cover several writes (got {:.2})",

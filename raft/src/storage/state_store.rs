@@ -15,7 +15,7 @@ use super::{io_error, state_data_range, Engine, CF_STATE};
 use crate::codec::{decode, encode};
 use crate::state_machine::{ApplyTxn, StateMachine};
 use crate::types::{
-    Entry, GroupId, LogId, NodeId, Response, StorageError, StoredMembership, TypeConfig,
+    Entry, GroupId, LogId, NodeId, Response, Responses, StorageError, StoredMembership, TypeConfig,
 };
 
 /// The applied state of one group and the application machine that owns it.
@@ -99,7 +99,7 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for GroupStateStore<S> {
         Ok((self.applied, self.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Responses>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -109,17 +109,20 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for GroupStateStore<S> {
         for entry in entries {
             let log_id = entry.log_id;
             match entry.payload {
-                EntryPayload::Blank => responses.push(Response::default()),
-                EntryPayload::Normal(command) => {
-                    let answer = self
-                        .machine
-                        .apply(&command.0, &mut txn)
-                        .map_err(|e| io_error(ErrorSubject::Apply(log_id), ErrorVerb::Write, e))?;
-                    responses.push(Response(answer));
+                EntryPayload::Blank => responses.push(Responses::default()),
+                EntryPayload::Normal(batch) => {
+                    let mut answers = Vec::with_capacity(batch.0.len());
+                    for command in &batch.0 {
+                        let answer = self.machine.apply(&command.0, &mut txn).map_err(|e| {
+                            io_error(ErrorSubject::Apply(log_id), ErrorVerb::Write, e)
+                        })?;
+                        answers.push(Response(answer));
+                    }
+                    responses.push(Responses(answers));
                 }
                 EntryPayload::Membership(membership) => {
                     self.membership = StoredMembership::new(Some(log_id), membership);
-                    responses.push(Response::default());
+                    responses.push(Responses::default());
                 }
             }
             self.applied = Some(log_id);
