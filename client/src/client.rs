@@ -466,6 +466,7 @@ pub(crate) fn unexpected(operation: &str, answer: &response::Body) -> ClientErro
         response::Body::GroupMembers(_) => "group_members",
         response::Body::ListGroups(_) => "list_groups",
         response::Body::GroupSend(_) => "group_send",
+        response::Body::Resume(_) => "resume",
     };
     ClientError::Protocol(format!("a {operation} request was answered with {kind}"))
 }

@@ -46,6 +46,32 @@ pub struct ClientConfig {
     /// QUIC idle timeout (default 30 s): a connection with no traffic from
     /// the server for this long is lost.
     pub idle_timeout: Duration,
+    /// A UDP socket for connections to share (default none: each
+    /// connection binds its own). A process holding thousands of
+    /// connections, such as a load generator, shares a few.
+    pub endpoint: Option<SharedEndpoint>,
+}
+
+/// One client UDP socket that many connections share; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SharedEndpoint {
+    endpoint: quinn::Endpoint,
+}
+
+impl SharedEndpoint {
+    /// Binds an IPv4 UDP socket on an ephemeral port (IPv6 servers still
+    /// get a socket of their own).
+    pub fn bind_v4() -> Result<Self, ClientError> {
+        let endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into())
+            .map_err(|e| ClientError::Connect(format!("cannot bind a UDP socket: {e}")))?;
+        Ok(Self { endpoint })
+    }
+
+    /// The socket, if it can reach `addr` (same address family).
+    pub(crate) fn for_addr(&self, addr: std::net::SocketAddr) -> Option<&quinn::Endpoint> {
+        let local = self.endpoint.local_addr().ok()?;
+        (local.is_ipv4() == addr.is_ipv4()).then_some(&self.endpoint)
+    }
 }
 
 impl ClientConfig {
@@ -63,6 +89,7 @@ impl ClientConfig {
             sync_interval: Duration::from_secs(5),
             keep_alive_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
+            endpoint: None,
         }
     }
 

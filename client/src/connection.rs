@@ -62,16 +62,21 @@ impl Connection {
         server: &str,
         addr: SocketAddr,
     ) -> Result<Self, ClientError> {
-        let bind: SocketAddr = if addr.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        let shared = config.endpoint.as_ref().and_then(|e| e.for_addr(addr));
+        let endpoint = match shared {
+            Some(endpoint) => endpoint.clone(),
+            None => {
+                let bind: SocketAddr = if addr.is_ipv6() {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                };
+                quinn::Endpoint::client(bind)
+                    .map_err(|e| ClientError::Connect(format!("cannot bind a UDP socket: {e}")))?
+            }
         };
-        let mut endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| ClientError::Connect(format!("cannot bind a UDP socket: {e}")))?;
-        endpoint.set_default_client_config(quic.clone());
         let connecting = endpoint
-            .connect(addr, &config.server_name)
+            .connect_with(quic.clone(), addr, &config.server_name)
             .map_err(|e| ClientError::Config(format!("cannot dial {server} ({addr}): {e}")))?;
         let quic_connection = match tokio::time::timeout(config.connect_timeout, connecting).await {
             Ok(Ok(connection)) => connection,

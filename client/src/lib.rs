@@ -52,7 +52,7 @@ pub mod retry;
 mod tls;
 
 pub use client::Client;
-pub use config::{parse_server_list, ClientConfig, DEFAULT_SERVER_NAME};
+pub use config::{parse_server_list, ClientConfig, SharedEndpoint, DEFAULT_SERVER_NAME};
 pub use connection::{Connection, PushStream};
 pub use error::ClientError;
 pub use tls::{quic_client_config, ALPN};

@@ -635,8 +635,8 @@ async fn next_push(stream: &mut PushStream) -> anyhow::Result<push::Body> {
 }
 
 #[test]
-fn a_device_login_replaces_its_earlier_session_on_any_node_and_logout_kicks() -> anyhow::Result<()>
-{
+fn a_device_login_replaces_its_earlier_session_on_any_node_resume_joins_it_and_logout_kicks(
+) -> anyhow::Result<()> {
     let _one = one_cluster_at_a_time();
     let cluster = started(&[])?;
     let rt = runtime()?;
@@ -664,6 +664,22 @@ fn a_device_login_replaces_its_earlier_session_on_any_node_and_logout_kicks() ->
             ensure!(matches!(next_push(&mut laptop_pushes).await?, push::Body::Notify(_)));
         }
 
+        // Resume: a connection to node 2 joins the session with its token
+        // alone (no password, no new session), gets the same token back and
+        // its own push stream, opening with the latest version.
+        let resumed = Connection::connect(&config(&cluster, &[2])?, &cluster.client_addr(2)).await?;
+        expect_code(&resumed, "not-a-token", resume(), ErrorCode::Unauthenticated).await?;
+        let answer = ask(&resumed, &refreshed, resume()).await?;
+        ensure!(
+            matches!(&answer, response::Body::Resume(r) if r.user_id == alice && r.token == refreshed),
+            "resumed with the same token: {answer:?}"
+        );
+        let mut resumed_pushes = resumed.accept_push_stream().await?;
+        ensure!(
+            matches!(next_push(&mut resumed_pushes).await?, push::Body::Notify(n) if n.latest_version == 2),
+            "the resumed connection's push stream opens with the latest version"
+        );
+
         // The same device name logging in on node 3 ends the laptop's session.
         let other = Connection::connect(&config(&cluster, &[3])?, &cluster.client_addr(3)).await?;
         let newer = login_device(&other, "alice", "laptop").await?;
@@ -675,8 +691,16 @@ fn a_device_login_replaces_its_earlier_session_on_any_node_and_logout_kicks() ->
             ),
             other => bail!("expected a Kick, got {other:?}"),
         }
+        match next_push(&mut resumed_pushes).await? {
+            push::Body::Kick(kick) => ensure!(
+                kick.reason == Reason::SessionReplaced as i32,
+                "the resumed connection is kicked with its session: {kick:?}"
+            ),
+            other => bail!("expected a Kick on the resumed connection, got {other:?}"),
+        }
         let other_check = Connection::connect(&config(&cluster, &[2])?, &cluster.client_addr(2)).await?;
         expect_code(&other_check, &refreshed, sync_from_start(), ErrorCode::TokenRevoked).await?;
+        expect_code(&other_check, &refreshed, resume(), ErrorCode::TokenRevoked).await?;
 
         // Logout kicks the connection bound to the session.
         ensure!(matches!(next_push(&mut other_pushes).await?, push::Body::Notify(_)));
@@ -691,6 +715,11 @@ fn a_device_login_replaces_its_earlier_session_on_any_node_and_logout_kicks() ->
         }
         Ok(())
     })
+}
+
+/// A Resume (the session is the request's token).
+fn resume() -> request::Body {
+    request::Body::Resume(Default::default())
 }
 
 /// A Sync of the whole inbox.

@@ -258,6 +258,15 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             .inc_by(count);
     }
     bound.set(i64::try_from(state.sessions.bound()).unwrap_or(i64::MAX));
+    if let Some(rss) = resident_bytes() {
+        let resident = Gauge::<i64>::default();
+        registry.register(
+            "process_resident_bytes",
+            "Resident memory of this node's process (VmRSS), in bytes",
+            resident.clone(),
+        );
+        resident.set(i64::try_from(rss).unwrap_or(i64::MAX));
+    }
     let mut body = String::new();
     match encode(&mut body, &registry) {
         Ok(()) => (
@@ -269,5 +278,38 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         )
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// This process's resident memory, from `/proc/self/status` (Linux only).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_rss(&status)
+}
+
+/// The `VmRSS` line of a `/proc/<pid>/status` text, in bytes.
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let kib: u64 = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_vm_rss;
+
+    #[test]
+    fn resident_memory_is_read_from_the_vm_rss_line_in_bytes() {
+        let status = "Name:\tfishchat-node\nVmPeak:\t  900 kB\nVmRSS:\t  231428 kB\nThreads:\t9\n";
+        assert_eq!(parse_vm_rss(status), Some(231_428 * 1024));
+        assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\t12 pages\n"), None);
+    }
+
+    #[test]
+    fn this_process_reports_some_resident_memory() {
+        assert!(super::resident_bytes().is_some_and(|bytes| bytes > 0));
     }
 }

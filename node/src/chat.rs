@@ -157,6 +157,7 @@ fn operation_name(request: &Request) -> &'static str {
         Some(request::Body::GroupMembers(_)) => "group_members",
         Some(request::Body::ListGroups(_)) => "list_groups",
         Some(request::Body::GroupSend(_)) => "group_send",
+        Some(request::Body::Resume(_)) => "resume",
     }
 }
 
@@ -270,6 +271,7 @@ impl Chat {
             })),
             request::Body::Register(register) => self.register(register).await,
             request::Body::Login(login) => self.login(login, bound, effects).await,
+            request::Body::Resume(_) => self.resume(&request.token, bound, effects).await,
             request::Body::Logout(_) => {
                 // Logging out a revoked token succeeds again: no revocation check.
                 let claims = self.verify(&request.token, bound)?;
@@ -459,10 +461,41 @@ impl Chat {
             latest,
         ));
         tracing::info!(user, session, device = %login.device, "logged in");
-        Ok(response::Body::Login(wire::LoginResponse {
-            token: self.tokens.sign(claims),
-            user_id: user,
-            expires_at_ms: expires_ms,
+        Ok(response::Body::Login(
+            self.session_opened(self.tokens.sign(claims), claims),
+        ))
+    }
+
+    /// Binds the connection to the session of `token`, as its Login bound
+    /// the connection it came on: no password, no new session.
+    async fn resume(
+        &self,
+        token: &str,
+        bound: Option<Binding>,
+        effects: &mut Effects,
+    ) -> Result<response::Body, Refusal> {
+        let claims = self.authenticate(token, bound).await?;
+        let latest = self.latest_version(claims.user).await?;
+        effects.bind = Some((
+            Binding {
+                user: claims.user,
+                session: claims.session,
+                expires_ms: claims.expires_ms,
+            },
+            latest,
+        ));
+        tracing::debug!(user = claims.user, session = claims.session, "resumed");
+        Ok(response::Body::Resume(
+            self.session_opened(token.to_string(), claims),
+        ))
+    }
+
+    /// The answer to a Login or a Resume that bound the connection.
+    fn session_opened(&self, token: String, claims: Claims) -> wire::LoginResponse {
+        wire::LoginResponse {
+            token,
+            user_id: claims.user,
+            expires_at_ms: claims.expires_ms,
             client_addrs: self.client_addrs.clone(),
             limits: Some(wire::ServerLimits {
                 max_frame_bytes: self.limits.max_frame_bytes,
@@ -470,7 +503,7 @@ impl Chat {
                 max_requests_in_flight: self.limits.max_requests_in_flight,
                 max_sync_limit: self.limits.max_sync_limit,
             }),
-        }))
+        }
     }
 
     async fn logout(&self, claims: Claims) -> Result<response::Body, Refusal> {

@@ -200,7 +200,10 @@ async fn answer(
         Ok(Ok(Some(request))) => {
             // One request per stream: anything after the frame is discarded.
             let _ = recv.stop(0u32.into());
-            let login = matches!(request.body, Some(request::Body::Login(_)));
+            let login = matches!(
+                request.body,
+                Some(request::Body::Login(_) | request::Body::Resume(_))
+            );
             let _one_login = if login {
                 Some(conn.logins.lock().await)
             } else {

@@ -15,6 +15,12 @@
 //!   entry; each body carries its send time) and send→ack, and the rate
 //!   achieved.
 //!
+//! - `connect`: N connections sharing a few client sockets, each resuming
+//!   a session; how many the nodes hold and their memory per session.
+//!
+//! - `failover`: steady sends to one shard while its leader is killed,
+//!   repeatedly: the longest time without an acknowledgement.
+//!
 //! The users are `<prefix>0`, `<prefix>1`, …: registered when missing, so
 //! runs one after another reuse them (registration hashes a password, which
 //! is slow on purpose and not what is measured).
@@ -35,6 +41,9 @@ use serde::Serialize;
 
 use crate::settings::Settings;
 
+mod connect;
+mod failover;
+
 /// What to measure.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -42,6 +51,10 @@ pub enum BenchCommand {
     Send(SendArgs),
     /// Senders at a fixed offered rate, recipients watching: send→received.
     E2e(E2eArgs),
+    /// Open and hold many sessions: how many the nodes hold, memory per session.
+    Connect(connect::ConnectArgs),
+    /// Kill a shard's leader under steady sends: the longest acknowledgement gap.
+    Failover(failover::FailoverArgs),
 }
 
 /// Options of `bench e2e`.
@@ -240,6 +253,16 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
             if !report.errors.is_empty() {
                 println!("errors: {:?}", report.errors);
             }
+            write_report(args.report.as_ref(), &report)
+        }
+        BenchCommand::Connect(args) => {
+            let report = connect::run(settings, &args).await?;
+            connect::print(&report);
+            write_report(args.report.as_ref(), &report)
+        }
+        BenchCommand::Failover(args) => {
+            let report = failover::run(settings, &args).await?;
+            failover::print(&report);
             write_report(args.report.as_ref(), &report)
         }
     }

@@ -79,7 +79,12 @@ pub fn admin_address(server: &str) -> anyhow::Result<String> {
 
 /// Fetches `GET /status` from `admin` (`host:port`) and returns the body.
 pub async fn fetch(admin: &str) -> anyhow::Result<String> {
-    tokio::time::timeout(STATUS_TIMEOUT, get(admin, "/status"))
+    fetch_path(admin, "/status").await
+}
+
+/// Fetches `GET path` from `admin` (`host:port`) and returns the body.
+pub async fn fetch_path(admin: &str, path: &str) -> anyhow::Result<String> {
+    tokio::time::timeout(STATUS_TIMEOUT, get(admin, path))
         .await
         .map_err(|_| anyhow!("{admin} did not answer within {STATUS_TIMEOUT:?}"))?
 }
