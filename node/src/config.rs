@@ -83,13 +83,13 @@ pub struct Flags {
     /// Number of shards of a new cluster; must match on every node [default: 16].
     #[arg(long, env = "FISHCHAT_SHARDS")]
     pub shards: Option<u32>,
-    /// Leader heartbeat period in milliseconds [default: 200].
+    /// Leader heartbeat period in milliseconds [default: 100].
     #[arg(long, env = "FISHCHAT_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
-    /// Shortest election timeout in milliseconds [default: 1000].
+    /// Shortest election timeout in milliseconds [default: 300].
     #[arg(long, env = "FISHCHAT_ELECTION_MIN_MS")]
     pub election_min_ms: Option<u64>,
-    /// Longest election timeout in milliseconds [default: 2000].
+    /// Longest election timeout in milliseconds [default: 500].
     #[arg(long, env = "FISHCHAT_ELECTION_MAX_MS")]
     pub election_max_ms: Option<u64>,
     /// How long a write may wait for its commit, in milliseconds [default: 10000].

@@ -12,6 +12,10 @@ use fishchat_node::{tls, Node, Settings};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc, not the system allocator: see docs/dependencies.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// `fishchat-node init`: creates a cluster's keys.
 #[derive(Parser)]
 #[command(name = "fishchat-node init")]

@@ -17,7 +17,7 @@ use crate::types::{GroupId, KeyValue, NodeId};
 /// First pause after a refusal that named no usable leader.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// Longest pause between attempts.
-const MAX_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Where the next attempt goes.
 #[derive(Clone, Debug, PartialEq, Eq)]

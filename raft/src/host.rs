@@ -45,9 +45,13 @@ pub struct RaftTiming {
 impl Default for RaftTiming {
     fn default() -> Self {
         Self {
-            heartbeat: Duration::from_millis(200),
-            election_min: Duration::from_millis(1000),
-            election_max: Duration::from_millis(2000),
+            // A follower stands for election only after the leader's lease
+            // (openraft: election_max) *and* its own random timeout have
+            // passed since the last heartbeat, so a dead leader is replaced
+            // after 0.8-1 s; five heartbeats at least fit in that.
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(300),
+            election_max: Duration::from_millis(500),
             snapshot_every_entries: 10_000,
             entries_kept_after_snapshot: 1_000,
             snapshot_chunk_bytes: 1024 * 1024,

@@ -5,7 +5,7 @@
 //! Each trial finds the shard's leader in the nodes' `/status`, kills that
 //! node with `--kill-cmd`, waits until the senders have been acknowledged
 //! again for a while, then starts the node again with `--start-cmd` and
-//! waits for the cluster to settle. A trial's figure is the longest time in
+//! waits until its replica of the shard has caught up. A trial's figure is the longest time in
 //! which no sender got an acknowledgement (the shard's outage as its users
 //! see it), from just before the kill until the end of the trial; the
 //! longest gap of any single sender is reported beside it (a sender
@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use super::{ensure_users, new_histogram, parse_duration, Latency};
 use crate::settings::Settings;
-use crate::status::{self, NodeStatus};
+use crate::status::{self, NodeStatus, ShardStatus};
 
 /// Options of `bench failover`.
 #[derive(Debug, Args)]
@@ -231,7 +231,7 @@ async fn run_trials(
             worst_sender_gap_ms: worst.as_secs_f64() * 1000.0,
         });
         run_command(&args.start_cmd, node)?;
-        wait_for_leader(settings, args.shard, Duration::from_secs(60)).await?;
+        wait_caught_up(settings, args.shard, Duration::from_secs(60)).await?;
     }
     Ok(())
 }
@@ -312,16 +312,29 @@ async fn leader_of(settings: &Settings, shard: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow!("no node leads shard {shard}"))
 }
 
-/// Waits until every node answers /status and `shard` has a leader.
-async fn wait_for_leader(settings: &Settings, shard: u32, within: Duration) -> anyhow::Result<()> {
+/// Waits until every node answers /status, `shard` has a leader, and every
+/// replica of it has applied what the leader had committed when the wait
+/// began: the next kill then starts from a steady cluster, not from a
+/// restarted node still catching up (which would slow the election).
+async fn wait_caught_up(settings: &Settings, shard: u32, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
+    let mut target: Option<u64> = None;
     loop {
-        let answering = statuses(settings).await.len();
-        if answering == settings.servers.len() && leader_of(settings, shard).await.is_ok() {
-            return Ok(());
+        let nodes = statuses(settings).await;
+        let replicas: Vec<&ShardStatus> = nodes
+            .iter()
+            .filter_map(|n| n.shards.iter().find(|s| s.shard == shard))
+            .collect();
+        if nodes.len() == settings.servers.len() {
+            if let Some(leader) = replicas.iter().find(|s| s.role == "leader") {
+                let goal = *target.get_or_insert(leader.committed);
+                if replicas.iter().all(|s| s.applied >= goal) {
+                    return Ok(());
+                }
+            }
         }
         if Instant::now() > deadline {
-            bail!("the cluster did not settle within {within:?} after a restart");
+            bail!("shard {shard} did not settle within {within:?} after a restart");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
