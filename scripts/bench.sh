@@ -7,6 +7,12 @@
 # back to back, and prints one table with the FishChat/etcd ratios.
 #
 #   scripts/bench.sh [--levels "1 16 64 256"] [--seconds 15] [--size 256]
+#                    [--sessions 50000] [--failover-trials 5]
+#
+# Then, on the same FishChat cluster, `fishchat bench connect` (sessions held
+# and memory per session; --sessions 0 skips it) and `fishchat bench
+# failover` (the longest acknowledgement gap when a shard's leader is
+# killed; --failover-trials 0 skips it).
 #
 # Installs etcd (Debian etcd-server, etcd-client) when missing. The etcd
 # scripts come from FISHCHAT_BASELINES (default ../shared/baselines beside
@@ -19,12 +25,16 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fishchat/target}"
 levels="1 16 64 256"
 seconds=15
 size=256
+sessions=50000
+failover_trials=5
 while [ $# -gt 0 ]; do
   case "$1" in
     --levels) levels=${2:?}; shift 2 ;;
     --seconds) seconds=${2:?}; shift 2 ;;
     --size) size=${2:?}; shift 2 ;;
-    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --sessions) sessions=${2:?}; shift 2 ;;
+    --failover-trials) failover_trials=${2:?}; shift 2 ;;
+    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -84,4 +94,18 @@ for c in levels:
     r = lambda a, b: f"{a / b:.2f}" if b else "-"
     print(f"| {c} | {ff:.0f} | {ef:.0f} | {r(ff, ef)} | {fp50:.2f} | {ep50:.2f} | {r(fp50, ep50)} | {fp99:.2f} | {ep99:.2f} | {r(fp99, ep99)} |")
 PY
+
+if [ "$sessions" -gt 0 ]; then
+  echo "== connect: $sessions sessions" >&2
+  "$fishchat" --server "$fishchat_servers" --ca "$FISHCHAT_DATA/ca.pem" \
+    bench connect --sessions "$sessions" --users 100 --hold 10s --report "$out/connect.json" \
+    | tee "$out/connect.txt"
+fi
+if [ "$failover_trials" -gt 0 ]; then
+  echo "== failover: $failover_trials trials" >&2
+  "$fishchat" --server "$fishchat_servers" --ca "$FISHCHAT_DATA/ca.pem" \
+    bench failover --trials "$failover_trials" \
+    --kill-cmd "scripts/cluster.sh kill {node}" --start-cmd "scripts/cluster.sh start-node {node}" \
+    --report "$out/failover.json" | tee "$out/failover.txt"
+fi
 echo "reports in $out" >&2

@@ -11,6 +11,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use fishchat_proto::client::{
     request, response, InboxEntry, Kick, LoginRequest, LoginResponse, LogoutRequest, LookupRequest,
@@ -343,7 +344,7 @@ impl Client {
                 token,
                 body: Some(body.clone()),
             };
-            let error = match exchange(&connection, &request).await {
+            let error = match self.exchange_watched(&connection, &request).await {
                 Ok(answer) => return Ok(answer),
                 Err(error) => error,
             };
@@ -427,6 +428,56 @@ impl std::fmt::Debug for Client {
             .finish()
     }
 }
+
+impl Client {
+    /// Runs one attempt of `request` on `connection`, and while its answer
+    /// is slow, checks that the node is still there: after [`PROBE_AFTER`]
+    /// and then continually, it pings the node on another stream. A node
+    /// that answers no ping within [`PROBE_TIMEOUT`] is taken as gone (a
+    /// killed or cut-off node sends no close, so the connection would
+    /// otherwise be given up only at the request timeout), and the attempt
+    /// fails as a lost connection, which fails over. A node that is merely
+    /// slow (its shard electing a leader) answers pings and is waited for.
+    async fn exchange_watched(
+        &self,
+        connection: &Connection,
+        request: &Request,
+    ) -> Result<response::Body, ClientError> {
+        let answer = exchange(connection, request);
+        tokio::pin!(answer);
+        let probe = async {
+            tokio::time::sleep(PROBE_AFTER).await;
+            loop {
+                let ping = Request {
+                    request_id: self.next_request_id(),
+                    token: String::new(),
+                    body: Some(request::Body::Ping(PingRequest { nonce: 0 })),
+                };
+                let sent = Instant::now();
+                match tokio::time::timeout(PROBE_TIMEOUT, connection.request(&ping)).await {
+                    Ok(Ok(_)) => tokio::time::sleep_until(sent + PROBE_AFTER).await,
+                    Ok(Err(e)) => return e,
+                    Err(_) => {
+                        return ClientError::Transport(format!(
+                            "{}: no answer to a ping within {PROBE_TIMEOUT:?}",
+                            connection.server()
+                        ))
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            answered = &mut answer => answered,
+            gone = probe => Err(gone),
+        }
+    }
+}
+
+/// How long an answer may take before the node is pinged, and then the
+/// time between pings.
+pub const PROBE_AFTER: Duration = Duration::from_millis(300);
+/// How long a ping may take before the node counts as gone.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 
 pub(crate) fn login_body(credentials: &Credentials) -> request::Body {
     request::Body::Login(LoginRequest {

@@ -5,9 +5,11 @@
 //!   connection after the back-off (or `retry_after_ms` if longer). A node
 //!   that answers `UNAVAILABLE` or `TIMEOUT` twice in a row is left for the
 //!   next one, since it may be cut off from the rest of the cluster.
-//! - A lost connection, a reset stream or a request with no answer within the
-//!   request timeout fails over at once: the next attempt goes to the next
-//!   node of the list, after a fresh login with the stored credentials.
+//! - A lost connection, a reset stream, a request with no answer within the
+//!   request timeout, or a slow answer during which the node stops answering
+//!   pings (`Client::exchange_watched`: a killed node sends no close) fails
+//!   over at once: the next attempt goes to the next node of the list, after
+//!   a fresh login with the stored credentials.
 //! - `TOKEN_EXPIRED` and `UNAUTHENTICATED` log in again with the stored
 //!   credentials once, then repeat the request.
 //! - Everything else is returned at once.

@@ -169,6 +169,72 @@ async fn an_unanswered_send_is_repeated_with_the_same_id_after_the_timeout() {
 }
 
 #[tokio::test]
+async fn a_node_that_answers_nothing_is_left_when_its_pings_go_unanswered() {
+    let cluster = FakeCluster::new();
+    let first = cluster.start_node().await;
+    let second = cluster.start_node().await;
+    let mut config = cluster.config(&[&first, &second]);
+    // Far longer than the probes take: leaving must not wait for it.
+    config.request_timeout = Duration::from_secs(20);
+    let alice = logged_in(config, "alice").await;
+    let me = alice.user_id().expect("id");
+
+    cluster.freeze(&first);
+    let started = std::time::Instant::now();
+    let sent = alice
+        .send(me, "to-a-frozen-node", b"x".to_vec(), TEXT_PLAIN)
+        .await
+        .expect("send after failover");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "failed over after unanswered pings, not the 20 s request timeout (took {took:?})"
+    );
+    assert_eq!(alice.connected_to(), second.address());
+    assert_eq!(sent.version, 1);
+    let pinged = cluster
+        .seen()
+        .iter()
+        .any(|(node, r)| *node == first.addr() && matches!(r.body, Some(request::Body::Ping(_))));
+    assert!(
+        pinged,
+        "the client pinged the silent node before leaving it"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_node_that_answers_pings_is_waited_for() {
+    let cluster = FakeCluster::new();
+    let first = cluster.start_node().await;
+    let second = cluster.start_node().await;
+    let mut config = cluster.config(&[&first, &second]);
+    config.request_timeout = Duration::from_secs(2);
+    let alice = logged_in(config, "alice").await;
+    let me = alice.user_id().expect("id");
+
+    // The send is never answered, but the node answers its pings.
+    cluster.inject([Fault::Silence]);
+    let started = std::time::Instant::now();
+    alice
+        .send(me, "slow-answer", b"x".to_vec(), TEXT_PLAIN)
+        .await
+        .expect("send after the timeout");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "a node that answers pings keeps the request until its timeout"
+    );
+    let pings = cluster
+        .seen()
+        .iter()
+        .filter(|(node, r)| *node == first.addr() && matches!(r.body, Some(request::Body::Ping(_))))
+        .count();
+    assert!(
+        pings >= 2,
+        "the slow answer was watched with pings ({pings})"
+    );
+}
+
+#[tokio::test]
 async fn losing_the_node_fails_over_to_the_next_and_logs_in_again() {
     let cluster = FakeCluster::new();
     let first = cluster.start_node().await;

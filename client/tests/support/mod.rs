@@ -34,7 +34,9 @@ const NODE_KEY: &[u8] = include_bytes!("../data/node.key");
 const MAX_FRAME: u32 = 1 << 20;
 const PAGE: usize = 3;
 
-/// What the next request (whatever it is) meets instead of a normal answer.
+/// What the next request (whatever it is, but a Ping: the client's liveness
+/// probes must not take faults meant for the request they watch) meets
+/// instead of a normal answer.
 pub enum Fault {
     /// Answered with this error.
     Answer(Error),
@@ -69,6 +71,8 @@ struct World {
     seen: Vec<(SocketAddr, Request)>,
     client_addrs: Vec<String>,
     clock: u64,
+    /// Nodes that answer nothing at all and close nothing (frozen or cut off).
+    frozen: HashSet<SocketAddr>,
 }
 
 /// The shared state of a fake cluster.
@@ -118,6 +122,12 @@ impl FakeCluster {
     }
 
     /// The addresses Login answers with.
+    /// Makes `node` answer nothing from now on, without closing anything:
+    /// to the client it looks like a killed process or a cut cable.
+    pub fn freeze(&self, node: &FakeNode) {
+        self.world().frozen.insert(node.addr());
+    }
+
     pub fn set_client_addrs(&self, addrs: Vec<String>) {
         self.world().client_addrs = addrs;
     }
@@ -213,8 +223,16 @@ impl FakeCluster {
         let id = request.request_id;
         let mut world = self.world();
         world.seen.push((node, request.clone()));
+        if world.frozen.contains(&node) {
+            return None;
+        }
         let mut answer_lost = false;
-        match world.faults.pop_front() {
+        let probe = matches!(request.body, Some(request::Body::Ping(_)));
+        match if probe {
+            None
+        } else {
+            world.faults.pop_front()
+        } {
             Some(Fault::Silence) => return None,
             Some(Fault::AnswerLost) => answer_lost = true,
             Some(Fault::Answer(e)) => {

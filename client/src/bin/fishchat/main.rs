@@ -24,6 +24,11 @@ use groups::GroupCommand;
 use session::Session;
 use settings::{GlobalArgs, Settings};
 
+/// mimalloc, as in the node: `fishchat bench` shares the machine with the
+/// nodes it measures, so its own allocations should cost little.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The FishChat command-line client.
 #[derive(Debug, Parser)]
 #[command(name = "fishchat", version, about, long_about = None)]

@@ -3,13 +3,13 @@
 //!
 //! C senders send steadily, one message at a time, to users of one shard.
 //! Each trial finds the shard's leader in the nodes' `/status`, kills that
-//! node with `--kill-cmd`, waits until the senders have been acknowledged
-//! again for a while, then starts the node again with `--start-cmd` and
-//! waits until its replica of the shard has caught up. A trial's figure is the longest time in
-//! which no sender got an acknowledgement (the shard's outage as its users
-//! see it), from just before the kill until the end of the trial; the
+//! node with `--kill-cmd`, waits until every sender has been acknowledged
+//! again, then starts the node again with `--start-cmd` and waits until its
+//! replica of the shard has caught up. A trial's figure is the longest time
+//! in which no sender got an acknowledgement (the shard's outage as its
+//! users see it), from just before the kill until the end of the trial; the
 //! longest gap of any single sender is reported beside it (a sender
-//! connected to the killed node also reconnects and logs in again).
+//! connected to the killed node must also notice and reconnect).
 //!
 //! The commands are templates: `{node}` becomes the leader's node id, e.g.
 //! `--kill-cmd "scripts/cluster.sh kill {node}"
@@ -251,22 +251,27 @@ fn run_command(template: &str, node: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits (from the kill) at least `settle`, and until acknowledgements
-/// flow again: one arrived in the last 200 ms.
+/// Waits (from the kill) at least `settle`, until every sender has been
+/// acknowledged again (a sender connected to the killed node must first
+/// notice and reconnect), and until acknowledgements flow: one arrived in
+/// the last 200 ms.
 async fn wait_for_flow(acks: &Acks, settle: Duration, within: Duration) -> anyhow::Result<()> {
     let killed = Instant::now();
     loop {
-        let latest = {
+        let (all_resumed, latest) = {
             let times = acks.times.lock().unwrap_or_else(|p| p.into_inner());
-            times.iter().filter_map(|l| l.last().copied()).max()
+            let lasts: Vec<Option<Instant>> = times.iter().map(|l| l.last().copied()).collect();
+            (
+                lasts.iter().all(|last| last.is_some_and(|at| at > killed)),
+                lasts.into_iter().flatten().max(),
+            )
         };
-        let flowing =
-            latest.is_some_and(|at| at > killed && at.elapsed() < Duration::from_millis(200));
-        if killed.elapsed() >= settle && flowing {
+        let flowing = latest.is_some_and(|at| at.elapsed() < Duration::from_millis(200));
+        if killed.elapsed() >= settle && all_resumed && flowing {
             return Ok(());
         }
         if killed.elapsed() > within {
-            bail!("acknowledgements did not resume within {within:?} of the kill");
+            bail!("not every sender was acknowledged again within {within:?} of the kill");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
