@@ -1,5 +1,8 @@
 //! Failover: replacing a lost connection with one to the next node, and
-//! logging in again there with the stored credentials.
+//! reopening the session there: by resuming it with its token
+//! (`ResumeRequest`: no password hash, no new session, so no older session
+//! to end across a cluster that just lost a node), or, when the token is no
+//! longer good, by logging in again with the stored credentials.
 //!
 //! The nodes are tried in turn, starting after the one that failed: the
 //! configured addresses first, then those learned from the last
@@ -12,7 +15,7 @@
 
 use std::sync::Arc;
 
-use fishchat_proto::client::{response, LoginResponse, Request};
+use fishchat_proto::client::{request, response, ErrorCode, LoginResponse, Request, ResumeRequest};
 
 use crate::client::{exchange, login_body, unexpected, Client, Credentials, Session};
 use crate::connection::Connection;
@@ -38,11 +41,12 @@ impl Client {
     }
 
     /// Replaces the connection of `failed_generation` with one to the next
-    /// reachable node, logged in again if credentials are stored. Does
+    /// reachable node, with the session reopened there if credentials are
+    /// stored (see [`Client::reopen_on`]). Does
     /// nothing if another task already replaced it.
     pub(crate) async fn failover(&self, failed_generation: u64) -> Result<(), ClientError> {
         let _one_at_a_time = self.shared.failover_lock.lock().await;
-        let (order, credentials) = {
+        let (order, credentials, token) = {
             let state = self.state();
             if state.generation != failed_generation {
                 return Ok(());
@@ -50,7 +54,8 @@ impl Client {
             let candidates = merge_servers(&self.shared.config.servers, &state.learned_servers);
             let order = rotation(&candidates, state.connection.server());
             let credentials = state.session.as_ref().and_then(|s| s.credentials.clone());
-            (order, credentials)
+            let token = state.session.as_ref().map(|s| s.token.clone());
+            (order, credentials, token)
         };
         let mut failures = Vec::new();
         for server in order {
@@ -68,7 +73,10 @@ impl Client {
                 self.install(connection);
                 return Ok(());
             };
-            match self.login_on(&connection, &credentials).await {
+            match self
+                .reopen_on(&connection, token.as_deref(), &credentials)
+                .await
+            {
                 Ok(answer) => {
                     self.install(connection);
                     self.keep_login(answer, credentials);
@@ -86,6 +94,42 @@ impl Client {
             }
         }
         Err(ClientError::Connect(failures.join("; ")))
+    }
+
+    /// Reopens the session on `connection`: resumes it with `token`, or
+    /// logs in with `credentials` if there is no token or the session it
+    /// names is over (revoked, replaced, expired).
+    async fn reopen_on(
+        &self,
+        connection: &Connection,
+        token: Option<&str>,
+        credentials: &Credentials,
+    ) -> Result<LoginResponse, ClientError> {
+        let Some(token) = token else {
+            return self.login_on(connection, credentials).await;
+        };
+        let request = Request {
+            request_id: self.next_request_id(),
+            token: token.to_string(),
+            body: Some(request::Body::Resume(ResumeRequest {})),
+        };
+        match exchange(connection, &request).await {
+            Ok(response::Body::Resume(answer)) => Ok(answer),
+            Ok(other) => Err(unexpected("resume", &other)),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(
+                        ErrorCode::TokenRevoked
+                            | ErrorCode::TokenExpired
+                            | ErrorCode::Unauthenticated
+                    )
+                ) =>
+            {
+                self.login_on(connection, credentials).await
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub(crate) async fn login_on(

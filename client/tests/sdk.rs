@@ -235,13 +235,14 @@ async fn a_slow_node_that_answers_pings_is_waited_for() {
 }
 
 #[tokio::test]
-async fn losing_the_node_fails_over_to_the_next_and_logs_in_again() {
+async fn losing_the_node_fails_over_to_the_next_and_resumes_the_session_there() {
     let cluster = FakeCluster::new();
     let first = cluster.start_node().await;
     let second = cluster.start_node().await;
     let alice = logged_in(cluster.config(&[&first, &second]), "alice").await;
     assert_eq!(alice.connected_to(), first.address());
     let me = alice.user_id().expect("id");
+    let token = alice.token();
 
     first.kill();
     let sent = alice
@@ -250,11 +251,44 @@ async fn losing_the_node_fails_over_to_the_next_and_logs_in_again() {
         .expect("send after failover");
     assert_eq!(sent.version, 1);
     assert_eq!(alice.connected_to(), second.address());
-    let relogged = cluster
+    let on_second = |pick: fn(&request::Body) -> bool| {
+        cluster
+            .seen()
+            .iter()
+            .any(|(node, r)| *node == second.addr() && r.body.as_ref().is_some_and(pick))
+    };
+    assert!(
+        on_second(|b| matches!(b, request::Body::Resume(_))),
+        "the client resumes its session on the new node"
+    );
+    assert!(
+        !on_second(|b| matches!(b, request::Body::Login(_))),
+        "no password login while the token is good"
+    );
+    assert_eq!(alice.token(), token, "the same session goes on");
+}
+
+#[tokio::test]
+async fn a_failover_whose_session_is_over_logs_in_again_with_the_password() {
+    let cluster = FakeCluster::new();
+    let first = cluster.start_node().await;
+    let second = cluster.start_node().await;
+    let alice = logged_in(cluster.config(&[&first, &second]), "alice").await;
+    let me = alice.user_id().expect("id");
+    let token = alice.token().expect("a token");
+
+    cluster.revoke(&token);
+    first.kill();
+    alice
+        .send(me, "after-revoke", b"x".to_vec(), TEXT_PLAIN)
+        .await
+        .expect("send after failover and login");
+    let logged_in_again = cluster
         .seen()
         .iter()
         .any(|(node, r)| *node == second.addr() && matches!(r.body, Some(request::Body::Login(_))));
-    assert!(relogged, "the client logs in again on the new node");
+    assert!(logged_in_again, "a refused resume falls back to a login");
+    assert_ne!(alice.token(), Some(token), "a new session");
 }
 
 #[tokio::test]

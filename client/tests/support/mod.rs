@@ -122,6 +122,11 @@ impl FakeCluster {
     }
 
     /// The addresses Login answers with.
+    /// Revokes `token`, as a logout elsewhere would.
+    pub fn revoke(&self, token: &str) {
+        self.world().revoked.insert(token.to_string());
+    }
+
     /// Makes `node` answer nothing from now on, without closing anything:
     /// to the client it looks like a killed process or a cut cable.
     pub fn freeze(&self, node: &FakeNode) {
@@ -275,26 +280,7 @@ impl FakeCluster {
                 let user_id = index as u64 + 1;
                 let token = format!("token-{user_id}-{}", world.tokens.len());
                 world.tokens.insert(token.clone(), user_id);
-                let first_login = bound.lock().expect("bound").replace(user_id).is_none();
-                if first_login {
-                    let (tx, rx) = mpsc::channel(64);
-                    let latest = world.inboxes.get(&user_id).map_or(0, |i| i.len() as u64);
-                    let _ = tx.try_send(notify(latest));
-                    world.pushes.entry(user_id).or_default().push(tx);
-                    tokio::spawn(write_pushes(connection.clone(), rx));
-                }
-                response::Body::Login(LoginResponse {
-                    token,
-                    user_id,
-                    expires_at_ms: u64::MAX,
-                    client_addrs: world.client_addrs.clone(),
-                    limits: Some(ServerLimits {
-                        max_frame_bytes: MAX_FRAME,
-                        max_body_bytes: 65536,
-                        max_requests_in_flight: 64,
-                        max_sync_limit: 1000,
-                    }),
-                })
+                response::Body::Login(bind(&mut world, bound, connection, user_id, token))
             }
             Some(_) if !token_ok => {
                 let code = if world.revoked.contains(&request.token) {
@@ -303,6 +289,11 @@ impl FakeCluster {
                     ErrorCode::Unauthenticated
                 };
                 return Some(error(id, code, false));
+            }
+            Some(request::Body::Resume(_)) => {
+                let user_id = user.unwrap_or(0);
+                let token = request.token.clone();
+                response::Body::Resume(bind(&mut world, bound, connection, user_id, token))
             }
             Some(request::Body::Logout(_)) => {
                 world.revoked.insert(request.token.clone());
@@ -453,6 +444,37 @@ impl FakeNode {
     /// connection closes (code 0, no reason) and nothing answers any more.
     pub fn kill(&self) {
         self.endpoint.close(0u32.into(), b"killed");
+    }
+}
+
+/// Binds the connection to `user_id` after a Login or Resume (the first
+/// binding opens the push stream) and answers with `token`.
+fn bind(
+    world: &mut World,
+    bound: &Mutex<Option<u64>>,
+    connection: &quinn::Connection,
+    user_id: u64,
+    token: String,
+) -> LoginResponse {
+    let first_binding = bound.lock().expect("bound").replace(user_id).is_none();
+    if first_binding {
+        let (tx, rx) = mpsc::channel(64);
+        let latest = world.inboxes.get(&user_id).map_or(0, |i| i.len() as u64);
+        let _ = tx.try_send(notify(latest));
+        world.pushes.entry(user_id).or_default().push(tx);
+        tokio::spawn(write_pushes(connection.clone(), rx));
+    }
+    LoginResponse {
+        token,
+        user_id,
+        expires_at_ms: u64::MAX,
+        client_addrs: world.client_addrs.clone(),
+        limits: Some(ServerLimits {
+            max_frame_bytes: MAX_FRAME,
+            max_body_bytes: 65536,
+            max_requests_in_flight: 64,
+            max_sync_limit: 1000,
+        }),
     }
 }
 
