@@ -9,7 +9,8 @@
 //!   request timeout, or a slow answer during which the node stops answering
 //!   pings (`Client::exchange_watched`: a killed node sends no close) fails
 //!   over at once: the next attempt goes to the next node of the list, after
-//!   a fresh login with the stored credentials.
+//!   the session is reopened there (resumed with its token, or a fresh login
+//!   with the stored credentials when the token is refused).
 //! - `TOKEN_EXPIRED` and `UNAUTHENTICATED` log in again with the stored
 //!   credentials once, then repeat the request.
 //! - Everything else is returned at once.

@@ -44,15 +44,15 @@ impl LocalGroups {
 
     /// Hosts `group` and starts its write queue; false if it is already hosted.
     pub(crate) fn insert(&self, group: GroupId, raft: Raft) -> bool {
+        if !self.groups.insert(group, raft.clone()) {
+            return false;
+        }
         let proposer = Proposer::start(
             group,
-            raft.clone(),
+            raft,
             self.limits.max_command_bytes,
             self.limits.timeout,
         );
-        if !self.groups.insert(group, raft) {
-            return false;
-        }
         self.proposers
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -95,7 +95,7 @@ impl LocalGroups {
             });
         }
         let timeout = self.limits.timeout;
-        tokio::time::timeout(timeout, proposer.propose(group, command))
+        tokio::time::timeout(timeout, proposer.propose(command))
             .await
             .map_err(|_| WriteError::Timeout { group, timeout })?
     }
@@ -175,6 +175,8 @@ impl LocalGroups {
 }
 
 /// The leader (id and peer address) an openraft refusal names, when known.
-fn hint(forward: ForwardToLeader<NodeId, BasicNode>) -> (Option<NodeId>, Option<String>) {
+pub(crate) fn hint(
+    forward: ForwardToLeader<NodeId, BasicNode>,
+) -> (Option<NodeId>, Option<String>) {
     (forward.leader_id, forward.leader_node.map(|n| n.addr))
 }

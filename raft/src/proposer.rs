@@ -25,6 +25,7 @@ use openraft::error::ClientWriteError;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::WriteError;
+use crate::local::hint;
 use crate::types::{Batch, Command, GroupId, Raft};
 
 /// Most entries of one group proposed and not yet answered. Two lets the
@@ -45,6 +46,7 @@ struct Pending {
 /// behind it ends when the last clone is dropped.
 #[derive(Clone)]
 pub(crate) struct Proposer {
+    group: GroupId,
     queue: mpsc::Sender<Pending>,
 }
 
@@ -67,19 +69,15 @@ impl Proposer {
             in_flight: Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT)),
         };
         tokio::spawn(run.serve(waiting));
-        Self { queue }
+        Self { group, queue }
     }
 
     /// Queues `command` and waits for its state machine's answer. The
     /// caller bounds the wait; a command whose caller gave up may still be
     /// committed.
-    pub(crate) async fn propose(
-        &self,
-        group: GroupId,
-        command: Vec<u8>,
-    ) -> Result<Vec<u8>, WriteError> {
+    pub(crate) async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, WriteError> {
         let stopped = || WriteError::Stopped {
-            group,
+            group: self.group,
             detail: "the group's proposer has stopped".into(),
         };
         let (answer, answered) = oneshot::channel();
@@ -167,11 +165,14 @@ fn refusal(
     error: ClientWriteError<crate::types::NodeId, openraft::BasicNode>,
 ) -> WriteError {
     match error {
-        ClientWriteError::ForwardToLeader(forward) => WriteError::NotLeader {
-            group,
-            leader: forward.leader_id,
-            leader_addr: forward.leader_node.map(|n| n.addr),
-        },
+        ClientWriteError::ForwardToLeader(forward) => {
+            let (leader, leader_addr) = hint(forward);
+            WriteError::NotLeader {
+                group,
+                leader,
+                leader_addr,
+            }
+        }
         other => WriteError::Stopped {
             group,
             detail: other.to_string(),

@@ -121,7 +121,6 @@ impl FakeCluster {
         self.world().groups.max_members = members;
     }
 
-    /// The addresses Login answers with.
     /// Revokes `token`, as a logout elsewhere would.
     pub fn revoke(&self, token: &str) {
         self.world().revoked.insert(token.to_string());
@@ -133,6 +132,7 @@ impl FakeCluster {
         self.world().frozen.insert(node.addr());
     }
 
+    /// The addresses Login answers with.
     pub fn set_client_addrs(&self, addrs: Vec<String>) {
         self.world().client_addrs = addrs;
     }

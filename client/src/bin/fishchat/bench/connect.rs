@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use fishchat_client::proto::{request, response, Request, ResumeRequest};
-use fishchat_client::{Client, ClientConfig, ClientError, Connection, SharedEndpoint};
+use fishchat_client::{ClientConfig, ClientError, Connection, SharedEndpoint};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{config_for, ensure_users, parse_duration, password};
+use super::{config_for, ensure_users, parse_duration, sessions};
 use crate::settings::Settings;
 use crate::status;
 
@@ -220,22 +220,17 @@ fn per_session(bytes: i64, sessions: i64) -> f64 {
     bytes as f64 / sessions as f64
 }
 
-/// Logs users `<prefix>0..count` in once each, each on a connection of
-/// its own (a connection belongs to one user); returns their tokens.
+/// Logs users `<prefix>0..count` in once each; returns their tokens.
 async fn tokens(settings: &Settings, prefix: &str, count: usize) -> anyhow::Result<Vec<String>> {
-    let password = password(prefix);
-    let mut tokens = Vec::with_capacity(count);
-    for i in 0..count {
-        let name = format!("{prefix}{i}");
-        let client = Client::connect(config_for(settings, i)?).await?;
-        let answer = client
-            .login(&name, &password, None)
-            .await
-            .with_context(|| format!("logging in {name}"))?;
-        tokens.push(answer.token);
+    let clients = sessions(settings, prefix, count).await?;
+    let tokens = clients
+        .iter()
+        .map(|client| client.token().context("a logged-in client holds a token"))
+        .collect();
+    for client in &clients {
         client.close();
     }
-    Ok(tokens)
+    tokens
 }
 
 /// Opens a connection to `config`'s first server and resumes the session
