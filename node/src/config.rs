@@ -108,7 +108,7 @@ pub struct Flags {
     /// Largest frame payload a client may send, in bytes [default: 1048576].
     #[arg(long, env = "FISHCHAT_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<u32>,
-    /// Requests in flight per client connection [default: 64].
+    /// Requests in flight per client connection [default: 16].
     #[arg(long, env = "FISHCHAT_MAX_REQUESTS_IN_FLIGHT")]
     pub max_requests_in_flight: Option<u32>,
     /// Most members of a group, the owner included, 2 to 10000 [default: 1000].
@@ -150,7 +150,7 @@ impl Default for Limits {
         Self {
             max_frame_bytes: 1 << 20,
             max_body_bytes: 64 * 1024,
-            max_requests_in_flight: 64,
+            max_requests_in_flight: 16,
             max_sync_limit: 1000,
             default_sync_limit: 100,
             token_lifetime: Duration::from_secs(24 * 3600),

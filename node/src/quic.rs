@@ -13,14 +13,11 @@ use fishchat_proto::client::{
 };
 use fishchat_proto::frame::{self, FrameError};
 use quinn::crypto::rustls::QuicServerConfig;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::chat::{now_ms, Binding, Chat, Refusal};
-use crate::sessions::{PushEvent, Sessions};
+use crate::sessions::{kick_message, PushEvent, Pushes, Sessions};
 
-/// Pushes waiting for one connection's writer; beyond this Notifies drop.
-const PUSH_QUEUE: usize = 64;
 /// A connection with no traffic for this long is closed (protocol default;
 /// clients keep alive at a third of it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -113,7 +110,8 @@ struct Conn {
 #[derive(Default)]
 struct ConnState {
     bound: Option<Binding>,
-    push: Option<mpsc::Sender<PushEvent>>,
+    /// Set once the push writer runs (at the first binding).
+    pushes: Option<Arc<Pushes>>,
     /// The connection ended: nothing may bind it any more.
     closed: bool,
 }
@@ -147,17 +145,17 @@ impl Conn {
         }
         state.bound = Some(binding);
         self.expires_ms.store(binding.expires_ms, Ordering::Relaxed);
-        let push = match &state.push {
-            Some(push) => push.clone(),
+        let pushes = match &state.pushes {
+            Some(pushes) => pushes.clone(),
             None => {
-                let (push, events) = mpsc::channel(PUSH_QUEUE);
-                tokio::spawn(write_pushes(self.clone(), events, latest));
-                state.push = Some(push.clone());
-                push
+                let pushes = Arc::new(Pushes::default());
+                tokio::spawn(write_pushes(self.clone(), pushes.clone(), latest));
+                state.pushes = Some(pushes.clone());
+                pushes
             }
         };
         self.sessions
-            .bind(binding.user, self.id, binding.session, push);
+            .bind(binding.user, self.id, binding.session, pushes);
     }
 }
 
@@ -176,9 +174,8 @@ async fn serve(conn: Arc<Conn>, chat: Arc<Chat>) {
     }
     let bound = {
         let mut state = conn.lock();
+        // The push writer ends with the connection.
         state.closed = true;
-        // Dropping the sender ends the push writer.
-        state.push = None;
         state.bound
     };
     if let Some(bound) = bound {
@@ -266,7 +263,7 @@ fn failure(code: ErrorCode, message: String) -> (Response, Option<ErrorCode>) {
 }
 
 /// Writes the connection's pushes until its session ends or it closes.
-async fn write_pushes(conn: Arc<Conn>, mut events: mpsc::Receiver<PushEvent>, latest: u64) {
+async fn write_pushes(conn: Arc<Conn>, pushes: Arc<Pushes>, latest: u64) {
     let Ok(mut stream) = conn.connection.open_uni().await else {
         return;
     };
@@ -280,7 +277,7 @@ async fn write_pushes(conn: Arc<Conn>, mut events: mpsc::Receiver<PushEvent>, la
         let expires = conn.expires_ms.load(Ordering::Relaxed);
         let wait = Duration::from_millis(expires.saturating_sub(now_ms()));
         let event = tokio::select! {
-            event = events.recv() => event,
+            event = pushes.next() => event,
             _ = conn.connection.closed() => return,
             _ = tokio::time::sleep(wait) => {
                 if conn.expires_ms.load(Ordering::Relaxed) > now_ms() {
@@ -289,12 +286,11 @@ async fn write_pushes(conn: Arc<Conn>, mut events: mpsc::Receiver<PushEvent>, la
                 if let Some(bound) = conn.bound() {
                     conn.sessions.unbind(bound.user, conn.id);
                 }
-                Some(PushEvent::Kick(Reason::TokenExpired, "the session's token expired".into()))
+                PushEvent::Kick(Reason::TokenExpired)
             }
         };
         match event {
-            None => return,
-            Some(PushEvent::Notify(latest)) => {
+            PushEvent::Notify(latest) => {
                 // A client that does not read its pushes is cut off, so a
                 // Kick behind the Notify is never stuck.
                 let frame_out = notify(latest);
@@ -305,11 +301,12 @@ async fn write_pushes(conn: Arc<Conn>, mut events: mpsc::Receiver<PushEvent>, la
                     return;
                 }
             }
-            Some(PushEvent::Kick(reason, message)) => {
+            PushEvent::Kick(reason) => {
+                let message = kick_message(reason);
                 let kick = Push {
                     body: Some(push::Body::Kick(Kick {
                         reason: reason as i32,
-                        message: message.clone(),
+                        message: message.to_string(),
                     })),
                 };
                 let _ = tokio::time::timeout(PUSH_WRITE, frame::write(&mut stream, &kick)).await;

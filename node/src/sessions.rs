@@ -1,33 +1,98 @@
 //! The session table: which of this node's connections are bound to which
-//! user's session, and the push channel of each.
+//! user's session, and the pushes waiting for each.
 //!
-//! Pushes are hints (`Notify`) or the end of a session (`Kick`). A push
-//! channel that is full drops a Notify (the client syncs on a timer anyway)
-//! but never silently drops a Kick: the connection is closed instead.
+//! Pushes are hints (`Notify`) or the end of a session (`Kick`). Notifies
+//! coalesce: a connection holds at most the newest inbox version not yet
+//! written, so a slow reader costs no memory and misses only versions that
+//! a newer Notify supersedes. A Kick is never dropped.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use fishchat_proto::client::kick::Reason;
 use fishchat_shard::UserId;
-use tokio::sync::mpsc;
 
 use crate::revocations::Confirmations;
 
 /// What a connection's push writer is told to send.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushEvent {
     /// The user's inbox reached this version.
     Notify(u64),
     /// The session is over; write a Kick and close the connection.
-    Kick(Reason, String),
+    Kick(Reason),
+}
+
+/// One connection's pushes waiting for its writer: the newest inbox version
+/// not yet written and the reason its session ended, if it did. A few dozen
+/// bytes, where a queue per connection cost kilobytes.
+#[derive(Default)]
+pub struct Pushes {
+    pending: Mutex<Pending>,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    notify: Option<u64>,
+    kick: Option<Reason>,
+}
+
+impl Pushes {
+    /// The inbox reached `version`: replaces an older unwritten Notify.
+    pub fn notify(&self, version: u64) {
+        {
+            let mut pending = self.lock();
+            pending.notify = Some(pending.notify.map_or(version, |v| v.max(version)));
+        }
+        self.ready.notify_one();
+    }
+
+    /// The session ended for `reason` (the first reason given wins).
+    pub fn kick(&self, reason: Reason) {
+        self.lock().kick.get_or_insert(reason);
+        self.ready.notify_one();
+    }
+
+    /// Waits for the next push to write: a pending Notify before the Kick,
+    /// so the client learns the newest version before its session ends.
+    pub async fn next(&self) -> PushEvent {
+        loop {
+            {
+                let mut pending = self.lock();
+                if let Some(version) = pending.notify.take() {
+                    return PushEvent::Notify(version);
+                }
+                if let Some(reason) = pending.kick.take() {
+                    return PushEvent::Kick(reason);
+                }
+            }
+            // A push made after the check above left a permit: no lost wakeup.
+            self.ready.notified().await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What a Kick frame says for `reason`.
+pub fn kick_message(reason: Reason) -> &'static str {
+    match reason {
+        Reason::TokenRevoked => "the session was logged out",
+        Reason::SessionReplaced => "a newer login of the same device replaced this session",
+        Reason::ShuttingDown => "the node is shutting down",
+        Reason::TokenExpired => "the session's token expired",
+        Reason::Unspecified => "the session ended",
+    }
 }
 
 /// A connection bound to a session.
 struct Binding {
     conn: u64,
     session: u64,
-    push: mpsc::Sender<PushEvent>,
+    pushes: Arc<Pushes>,
 }
 
 /// Every bound connection of this node, by user, and the sessions recently
@@ -41,14 +106,14 @@ pub struct Sessions {
 impl Sessions {
     /// Binds connection `conn` to `session` of `user` (replacing an earlier
     /// binding of the same connection).
-    pub fn bind(&self, user: UserId, conn: u64, session: u64, push: mpsc::Sender<PushEvent>) {
+    pub fn bind(&self, user: UserId, conn: u64, session: u64, pushes: Arc<Pushes>) {
         let mut by_user = self.lock();
         let bindings = by_user.entry(user).or_default();
         bindings.retain(|b| b.conn != conn);
         bindings.push(Binding {
             conn,
             session,
-            push,
+            pushes,
         });
     }
 
@@ -67,8 +132,7 @@ impl Sessions {
     pub fn inbox_advanced(&self, user: UserId, version: u64) {
         let by_user = self.lock();
         for binding in by_user.get(&user).into_iter().flatten() {
-            // Full: the client is slow and will sync anyway.
-            let _ = binding.push.try_send(PushEvent::Notify(version));
+            binding.pushes.notify(version);
         }
     }
 
@@ -87,7 +151,7 @@ impl Sessions {
                 if b.session != session {
                     return true;
                 }
-                kick(b, reason);
+                b.pushes.kick(reason);
                 false
             });
             if bindings.is_empty() {
@@ -100,7 +164,7 @@ impl Sessions {
     pub fn end_all(&self, reason: Reason) {
         let mut by_user = self.lock();
         for binding in by_user.values().flatten() {
-            kick(binding, reason);
+            binding.pushes.kick(reason);
         }
         by_user.clear();
     }
@@ -115,24 +179,6 @@ impl Sessions {
     }
 }
 
-fn kick(binding: &Binding, reason: Reason) {
-    let message = match reason {
-        Reason::TokenRevoked => "the session was logged out",
-        Reason::SessionReplaced => "a newer login of the same device replaced this session",
-        Reason::ShuttingDown => "the node is shutting down",
-        Reason::TokenExpired => "the session's token expired",
-        Reason::Unspecified => "the session ended",
-    };
-    let event = PushEvent::Kick(reason, message.into());
-    if binding.push.try_send(event.clone()).is_err() {
-        // The writer is behind: a blocking send from a task keeps the Kick.
-        let push = binding.push.clone();
-        tokio::spawn(async move {
-            let _ = push.send(event).await;
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,27 +186,53 @@ mod tests {
     #[tokio::test]
     async fn notifies_reach_every_connection_of_the_user_and_kicks_only_the_session() {
         let sessions = Sessions::default();
-        let (tx1, mut rx1) = mpsc::channel(8);
-        let (tx2, mut rx2) = mpsc::channel(8);
-        let (tx3, mut rx3) = mpsc::channel(8);
-        sessions.bind(7, 1, 100, tx1);
-        sessions.bind(7, 2, 200, tx2);
-        sessions.bind(8, 3, 300, tx3);
+        let (p1, p2, p3) = (
+            Arc::new(Pushes::default()),
+            Arc::new(Pushes::default()),
+            Arc::new(Pushes::default()),
+        );
+        sessions.bind(7, 1, 100, p1.clone());
+        sessions.bind(7, 2, 200, p2.clone());
+        sessions.bind(8, 3, 300, p3.clone());
         sessions.inbox_advanced(7, 5);
-        assert_eq!(rx1.recv().await, Some(PushEvent::Notify(5)));
-        assert_eq!(rx2.recv().await, Some(PushEvent::Notify(5)));
-        assert!(rx3.try_recv().is_err(), "another user hears nothing");
+        assert_eq!(p1.next().await, PushEvent::Notify(5));
+        assert_eq!(p2.next().await, PushEvent::Notify(5));
+        assert!(p3.lock().notify.is_none(), "another user hears nothing");
 
         sessions.session_ended(7, 100, Reason::TokenRevoked);
-        assert!(matches!(
-            rx1.recv().await,
-            Some(PushEvent::Kick(Reason::TokenRevoked, _))
-        ));
-        assert!(rx2.try_recv().is_err(), "the other session stays");
+        assert_eq!(p1.next().await, PushEvent::Kick(Reason::TokenRevoked));
+        assert!(p2.lock().kick.is_none(), "the other session stays");
         assert_eq!(sessions.bound(), 2);
 
         sessions.unbind(7, 2);
         sessions.unbind(8, 3);
         assert_eq!(sessions.bound(), 0);
+    }
+
+    #[tokio::test]
+    async fn notifies_coalesce_to_the_newest_and_the_kick_comes_last() {
+        let pushes = Pushes::default();
+        pushes.notify(3);
+        pushes.notify(9);
+        pushes.notify(4); // late and older: never moves the version back
+        pushes.kick(Reason::TokenExpired);
+        pushes.kick(Reason::ShuttingDown); // the first reason stands
+        assert_eq!(pushes.next().await, PushEvent::Notify(9));
+        assert_eq!(pushes.next().await, PushEvent::Kick(Reason::TokenExpired));
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), pushes.next());
+        assert!(waiting.await.is_err(), "nothing more is pending");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_wakes_for_a_push() {
+        let pushes = Arc::new(Pushes::default());
+        let writer = tokio::spawn({
+            let pushes = pushes.clone();
+            async move { pushes.next().await }
+        });
+        tokio::task::yield_now().await;
+        pushes.notify(1);
+        let event = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+        assert!(matches!(event, Ok(Ok(PushEvent::Notify(1)))), "{event:?}");
     }
 }

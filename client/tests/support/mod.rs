@@ -472,7 +472,7 @@ fn bind(
         limits: Some(ServerLimits {
             max_frame_bytes: MAX_FRAME,
             max_body_bytes: 65536,
-            max_requests_in_flight: 64,
+            max_requests_in_flight: 16,
             max_sync_limit: 1000,
         }),
     }
