@@ -13,6 +13,7 @@ use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tracing::Instrument;
 
 use crate::error::{HostError, ReadError, WriteError};
 use crate::local::{LocalGroups, WriteLimits};
@@ -217,9 +218,10 @@ impl GroupHost {
                 max_command_bytes: config.max_command_bytes,
             },
         ));
-        let service = RaftPeerServer::new(PeerService::new(local.clone()))
-            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        let service =
+            RaftPeerServer::new(PeerService::new(local.clone(), config.timing.election_max))
+                .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let routes = config
             .services
             .clone()
@@ -337,6 +339,9 @@ impl GroupHost {
         let state = GroupStateStore::open(group, self.local.engine().clone(), machine, applied_tx)
             .map_err(|e| HostError::Storage(e.to_string()))?;
         let network = GroupNetwork::new(group, self.transport.clone());
+        // openraft runs the group's core task (and, from it, the replication
+        // tasks) in the span current at creation: this one names the group
+        // in every line the group logs.
         let raft = Raft::new(
             self.config.node_id,
             self.raft_config.clone(),
@@ -344,6 +349,7 @@ impl GroupHost {
             log,
             state,
         )
+        .instrument(tracing::info_span!("raft", group))
         .await
         .map_err(|e| HostError::Stopped(e.to_string()))?;
         self.local.insert(group, raft);

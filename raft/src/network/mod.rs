@@ -10,10 +10,13 @@
 //! The receiving side, [`PeerService`], looks the group up by id and hands the
 //! decoded request to its openraft instance. A message for a group the node
 //! does not host, or one whose payload does not decode, is answered with a
-//! typed `PeerError`; it never reaches openraft and never panics.
+//! typed `PeerError`; it never reaches openraft and never panics. It also
+//! watches votes, so that a follower with a longer log stands at once when a
+//! candidate with a shorter one cannot win (see `stand`).
 
 mod client;
 mod server;
+mod stand;
 
 pub(crate) use client::GroupNetwork;
 pub use client::PeerTransport;

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use fishchat_proto::peer::raft_peer_server::RaftPeer;
 use fishchat_proto::peer::{
@@ -10,10 +11,12 @@ use fishchat_proto::peer::{
     ProposeRequest, RaftMessage, RaftReply, RouteError, ScanReply, ScanRequest,
 };
 use openraft::error::RaftError;
+use openraft::raft::VoteRequest;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Status};
 
+use super::stand::Stand;
 use crate::codec;
 use crate::error::{ReadError, WriteError};
 use crate::local::LocalGroups;
@@ -75,12 +78,17 @@ impl GroupTable {
 /// The `RaftPeer` gRPC service of one node.
 pub(crate) struct PeerService {
     local: Arc<LocalGroups>,
+    stand: Stand,
 }
 
 impl PeerService {
-    /// Serves the groups open in `local`.
-    pub(crate) fn new(local: Arc<LocalGroups>) -> Self {
-        Self { local }
+    /// Serves the groups open in `local`, whose leaders hold a lease of
+    /// `lease` (openraft: election_max).
+    pub(crate) fn new(local: Arc<LocalGroups>, lease: Duration) -> Self {
+        Self {
+            local,
+            stand: Stand::new(lease),
+        }
     }
 
     /// Decodes `message` for its group, runs `handle`, encodes the outcome.
@@ -130,9 +138,15 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftReply>, Status> {
+        let message = request.into_inner();
+        let group = message.group_id;
         let reply = self
-            .dispatch(request.into_inner(), |raft, rpc| async move {
-                raft.append_entries(rpc).await
+            .dispatch(message, |raft, rpc| async move {
+                let outcome = raft.append_entries(rpc).await;
+                if let Ok(response) = &outcome {
+                    self.stand.appended(group, response);
+                }
+                outcome
             })
             .await;
         Ok(tonic::Response::new(reply))
@@ -142,9 +156,15 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftReply>, Status> {
+        let message = request.into_inner();
+        let group = message.group_id;
         let reply = self
-            .dispatch(request.into_inner(), |raft, rpc| async move {
-                raft.vote(rpc).await
+            .dispatch(message, |raft, rpc: VoteRequest<NodeId>| async move {
+                let outcome = raft.vote(rpc.clone()).await;
+                if let Ok(response) = &outcome {
+                    self.stand.after_vote(group, &raft, &rpc, response).await;
+                }
+                outcome
             })
             .await;
         Ok(tonic::Response::new(reply))
