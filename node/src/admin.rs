@@ -121,6 +121,9 @@ pub struct ShardStatus {
     pub digest: String,
     /// The applied index the digest was taken at.
     pub digest_index: u64,
+    /// Leadership confirmations this replica ran for linearizable reads
+    /// (reads waiting at the same time share one).
+    pub read_rounds: u64,
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -151,6 +154,7 @@ fn collect(state: &AdminState) -> NodeStatus {
                 applied: status.applied,
                 digest: format!("{digest:016x}"),
                 digest_index,
+                read_rounds: status.read_rounds,
             })
         })
         .collect();

@@ -159,6 +159,9 @@ pub struct GroupStatus {
     pub purged: u64,
     /// The group's voters.
     pub voters: Vec<NodeId>,
+    /// Leadership confirmations this replica ran for linearizable reads
+    /// (reads that wait at the same time share one).
+    pub read_rounds: u64,
 }
 
 /// Per-group counters the host keeps beside openraft's metrics.
@@ -470,6 +473,7 @@ impl GroupHost {
             snapshot: metrics.snapshot.map(|id| id.index).unwrap_or(0),
             purged: metrics.purged.map(|id| id.index).unwrap_or(0),
             voters: metrics.membership_config.membership().voter_ids().collect(),
+            read_rounds: self.local.read_rounds(group),
         })
     }
 

@@ -61,6 +61,7 @@ pub mod host;
 mod local;
 pub mod network;
 mod proposer;
+mod read_rounds;
 pub mod state_machine;
 pub mod storage;
 pub mod types;

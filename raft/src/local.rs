@@ -3,15 +3,16 @@
 //! the node's application asked or a peer forwarded it. Nothing here forwards.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ForwardToLeader, RaftError};
+use openraft::error::ForwardToLeader;
 use openraft::BasicNode;
 
 use crate::error::{ReadError, WriteError};
 use crate::network::GroupTable;
 use crate::proposer::Proposer;
+use crate::read_rounds::ReadRounds;
 use crate::storage::{self, Engine};
 use crate::types::{GroupId, KeyValue, NodeId, Raft};
 
@@ -28,6 +29,7 @@ pub(crate) struct WriteLimits {
 pub(crate) struct LocalGroups {
     pub(crate) groups: GroupTable,
     proposers: RwLock<HashMap<GroupId, Proposer>>,
+    reads: RwLock<HashMap<GroupId, Arc<ReadRounds>>>,
     engine: Engine,
     limits: WriteLimits,
 }
@@ -37,6 +39,7 @@ impl LocalGroups {
         Self {
             groups: GroupTable::default(),
             proposers: RwLock::new(HashMap::new()),
+            reads: RwLock::new(HashMap::new()),
             engine,
             limits,
         }
@@ -47,6 +50,13 @@ impl LocalGroups {
         if !self.groups.insert(group, raft.clone()) {
             return false;
         }
+        self.reads
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                group,
+                ReadRounds::new(group, raft.clone(), self.limits.timeout),
+            );
         let proposer = Proposer::start(
             group,
             raft,
@@ -63,6 +73,10 @@ impl LocalGroups {
     /// Stops hosting every group (their write queues end) and returns them.
     pub(crate) fn drain(&self) -> Vec<(GroupId, Raft)> {
         self.proposers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.reads
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
@@ -103,30 +117,23 @@ impl LocalGroups {
     /// Returns once this replica has confirmed, with a quorum, that it leads
     /// `group` and has applied everything committed before the call began.
     pub(crate) async fn linearize(&self, group: GroupId) -> Result<(), ReadError> {
-        let raft = self
-            .groups
-            .get(group)
+        let rounds = self
+            .reads
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
             .ok_or(ReadError::UnknownGroup(group))?;
-        let confirmed = tokio::time::timeout(self.limits.timeout, raft.ensure_linearizable()).await;
-        match confirmed {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
-                let (leader, leader_addr) = hint(forward);
-                Err(ReadError::NotLeader {
-                    group,
-                    leader,
-                    leader_addr,
-                })
-            }
-            Ok(Err(e)) => Err(ReadError::Unavailable {
-                group,
-                detail: e.to_string(),
-            }),
-            Err(_) => Err(ReadError::Unavailable {
-                group,
-                detail: format!("leadership not confirmed within {:?}", self.limits.timeout),
-            }),
-        }
+        rounds.linearize().await
+    }
+
+    /// Leadership confirmations run for `group`'s linearizable reads.
+    pub(crate) fn read_rounds(&self, group: GroupId) -> u64 {
+        self.reads
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .map_or(0, |rounds| rounds.run())
     }
 
     /// Reads application key `key` of `group` from this replica.

@@ -317,6 +317,53 @@ async fn a_follower_refuses_writes_and_linearizable_reads_naming_the_leader() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_at_the_same_time_share_rounds_and_each_sees_the_writes_before_it(
+) -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let cluster = Cluster::start(3, 1, test_timing()).await?;
+    let group = cluster.groups[0];
+    let leader = cluster.leader_of(group, LONG).await?;
+    let leading = cluster.host(leader)?;
+    let rounds_before = leading.status(group).map_or(0, |s| s.read_rounds);
+    leading.linearize(group).await?;
+    let rounds_alone = leading.status(group).map_or(0, |s| s.read_rounds);
+    assert_eq!(
+        rounds_alone,
+        rounds_before + 1,
+        "a lone read runs one round"
+    );
+
+    // 200 clients at once, each writing its own key and reading it back
+    // linearizably as soon as the write is acknowledged.
+    const CLIENTS: usize = 200;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let host = leading.clone();
+        clients.push(tokio::spawn(async move {
+            let key = format!("r{i}");
+            host.write(group, format!("{key}=v{i}").into_bytes())
+                .await?;
+            let read = host.read(group, key.as_bytes()).await?;
+            anyhow::ensure!(
+                read.as_deref() == Some(format!("v{i}").as_bytes()),
+                "client {i} read {read:?} after its acknowledged write"
+            );
+            anyhow::Ok(())
+        }));
+    }
+    for client in clients {
+        client.await??;
+    }
+    let rounds = leading.status(group).map_or(0, |s| s.read_rounds) - rounds_alone;
+    assert!(
+        (1..CLIENTS as u64).contains(&rounds),
+        "{CLIENTS} concurrent reads ran {rounds} rounds: waiting reads share one"
+    );
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_peer_port_gets_an_error_and_groups_keep_serving() -> anyhow::Result<()> {
     let _turn = serial().await;
     let cluster = Cluster::start(3, 2, test_timing()).await?;
