@@ -9,7 +9,7 @@
 //! and password, and repeats the request unchanged; a `Send` keeps its
 //! `client_msg_id`, so a repeat is never stored twice.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     /// Serialises failovers, so concurrent failed requests reconnect once.
     pub(crate) failover_lock: tokio::sync::Mutex<()>,
+    /// Set by [`Client::close`]: no failover may reconnect afterwards.
+    pub(crate) closed: AtomicBool,
 }
 
 pub(crate) struct State {
@@ -99,6 +101,7 @@ impl Client {
                             next_request_id: AtomicU64::new(1),
                             state: Mutex::new(state),
                             failover_lock: tokio::sync::Mutex::new(()),
+                            closed: AtomicBool::new(false),
                         }),
                     });
                 }
@@ -145,9 +148,17 @@ impl Client {
         self.shared.next_request_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Closes the connection. The session's token stays valid.
+    /// Closes the connection for good: requests and watchers still running
+    /// end with [`ClientError::Closed`] instead of reconnecting. The
+    /// session's token stays valid.
     pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
         self.state().connection.close();
+    }
+
+    /// Whether [`Client::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
     }
 
     /// Creates an account; returns the new user id. Does not log in.

@@ -45,6 +45,10 @@ pub enum ClientError {
     /// bad address, no session for an operation that needs one).
     #[error("bad client configuration: {0}")]
     Config(String),
+    /// The application closed this client ([`crate::Client::close`]): it
+    /// sends nothing more and does not reconnect.
+    #[error("the client was closed")]
+    Closed,
 }
 
 impl ClientError {
@@ -74,7 +78,10 @@ impl ClientError {
         match self {
             ClientError::Server { retryable, .. } => *retryable,
             ClientError::Connect(_) | ClientError::Transport(_) | ClientError::Timeout => true,
-            ClientError::Protocol(_) | ClientError::Tls(_) | ClientError::Config(_) => false,
+            ClientError::Protocol(_)
+            | ClientError::Tls(_)
+            | ClientError::Config(_)
+            | ClientError::Closed => false,
         }
     }
 
@@ -99,6 +106,7 @@ impl ClientError {
             | ClientError::Tls(s)
             | ClientError::Config(s) => s.clone(),
             ClientError::Timeout => "no answer within the request timeout".to_string(),
+            ClientError::Closed => "the client was closed".to_string(),
         }
     }
 
@@ -113,6 +121,7 @@ impl ClientError {
             ClientError::Protocol(_) => "PROTOCOL",
             ClientError::Tls(_) => "TLS",
             ClientError::Config(_) => "CONFIG",
+            ClientError::Closed => "CLOSED",
         }
     }
 }

@@ -46,6 +46,9 @@ impl Client {
     /// nothing if another task already replaced it.
     pub(crate) async fn failover(&self, failed_generation: u64) -> Result<(), ClientError> {
         let _one_at_a_time = self.shared.failover_lock.lock().await;
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
         let (order, credentials, token) = {
             let state = self.state();
             if state.generation != failed_generation {

@@ -74,6 +74,9 @@ async fn run(client: Client, since: u64, deliver: mpsc::Sender<InboxEntry>) {
     let mut need_sync = true;
     let interval = client.config().sync_interval;
     loop {
+        if client.is_closed() {
+            break;
+        }
         let (connection, generation) = client.current();
         if watched != Some(generation) {
             if let Some(old) = reader.take() {
@@ -91,6 +94,7 @@ async fn run(client: Client, since: u64, deliver: mpsc::Sender<InboxEntry>) {
             match deliver_new(&client, &mut held, &deliver).await {
                 Ok(()) => need_sync = false,
                 Err(RoundEnd::ReceiverGone) => break,
+                Err(RoundEnd::Failed(ClientError::Closed)) => break,
                 Err(RoundEnd::Failed(e)) if session_is_over(&e) => {
                     tracing::warn!(error = %e, "incoming: the session is over");
                     break;
@@ -125,6 +129,9 @@ async fn run(client: Client, since: u64, deliver: mpsc::Sender<InboxEntry>) {
                         need_sync = true;
                     }
                     PushEvent::Lost => {
+                        if client.is_closed() {
+                            break;
+                        }
                         if let Err(e) = client.failover(event_generation).await {
                             tracing::warn!(error = %e, "incoming: failover failed");
                         }

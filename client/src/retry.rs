@@ -96,7 +96,10 @@ pub fn verdict(error: &ClientError, unavailable_in_a_row: u32, relogged: bool) -
         ClientError::Connect(_) | ClientError::Transport(_) | ClientError::Timeout => {
             Verdict::Retry { failover: true }
         }
-        ClientError::Protocol(_) | ClientError::Tls(_) | ClientError::Config(_) => Verdict::GiveUp,
+        ClientError::Protocol(_)
+        | ClientError::Tls(_)
+        | ClientError::Config(_)
+        | ClientError::Closed => Verdict::GiveUp,
     }
 }
 

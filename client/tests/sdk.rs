@@ -378,6 +378,38 @@ async fn a_replaced_session_ends_incoming_and_is_not_reopened() {
 }
 
 #[tokio::test]
+async fn a_closed_client_stays_closed_its_watcher_ends_and_nothing_reconnects() {
+    let cluster = FakeCluster::new();
+    let first = cluster.start_node().await;
+    let second = cluster.start_node().await;
+    let bob = logged_in(cluster.config(&[&first, &second]), "bob").await;
+    let mut incoming = bob.incoming(0);
+    // Let the task pick up the push stream first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen_before = cluster.seen().len();
+
+    bob.close();
+    assert!(bob.is_closed());
+    let end = tokio::time::timeout(Duration::from_secs(5), incoming.recv())
+        .await
+        .expect("the watcher ends in time");
+    assert!(end.is_none(), "the watcher ends instead of failing over");
+    let me = bob.user_id().expect("id");
+    let refused = bob.send(me, "after-close", b"x".to_vec(), TEXT_PLAIN).await;
+    assert!(
+        matches!(refused, Err(ClientError::Closed)),
+        "a request after close fails at once: {refused:?}"
+    );
+    assert!(!ClientError::Closed.is_retryable());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        cluster.seen().len(),
+        seen_before,
+        "no node heard anything after the close (no resume, no login, no sync)"
+    );
+}
+
+#[tokio::test]
 async fn operations_needing_a_token_say_so_before_login() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;
