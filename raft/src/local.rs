@@ -117,23 +117,21 @@ impl LocalGroups {
     /// Returns once this replica has confirmed, with a quorum, that it leads
     /// `group` and has applied everything committed before the call began.
     pub(crate) async fn linearize(&self, group: GroupId) -> Result<(), ReadError> {
-        let rounds = self
-            .reads
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&group)
-            .cloned()
-            .ok_or(ReadError::UnknownGroup(group))?;
+        let rounds = self.rounds(group).ok_or(ReadError::UnknownGroup(group))?;
         rounds.linearize().await
     }
 
     /// Leadership confirmations run for `group`'s linearizable reads.
     pub(crate) fn read_rounds(&self, group: GroupId) -> u64 {
+        self.rounds(group).map_or(0, |rounds| rounds.run())
+    }
+
+    fn rounds(&self, group: GroupId) -> Option<Arc<ReadRounds>> {
         self.reads
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&group)
-            .map_or(0, |rounds| rounds.run())
+            .cloned()
     }
 
     /// Reads application key `key` of `group` from this replica.

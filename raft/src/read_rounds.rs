@@ -93,10 +93,7 @@ impl ReadRounds {
         match tokio::time::timeout(self.timeout, wait).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(self.unavailable("the group stopped".into())),
-            Err(_) => Err(self.unavailable(format!(
-                "leadership not confirmed within {:?}",
-                self.timeout
-            ))),
+            Err(_) => Err(self.not_confirmed()),
         }
     }
 
@@ -135,11 +132,15 @@ impl ReadRounds {
                 })
             }
             Ok(Err(e)) => Err(self.unavailable(e.to_string())),
-            Err(_) => Err(self.unavailable(format!(
-                "leadership not confirmed within {:?}",
-                self.timeout
-            ))),
+            Err(_) => Err(self.not_confirmed()),
         }
+    }
+
+    fn not_confirmed(&self) -> ReadError {
+        self.unavailable(format!(
+            "leadership not confirmed within {:?}",
+            self.timeout
+        ))
     }
 
     fn unavailable(&self, detail: String) -> ReadError {

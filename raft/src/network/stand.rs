@@ -38,7 +38,7 @@ pub(crate) struct Stand {
     groups: Mutex<HashMap<GroupId, Heard>>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Heard {
     /// The last append-entries from a leader this node accepted as current.
     leader_at: Option<Instant>,
@@ -60,13 +60,7 @@ impl Stand {
         if matches!(response, AppendEntriesResponse::HigherVote(_)) {
             return;
         }
-        self.lock()
-            .entry(group)
-            .or_insert(Heard {
-                leader_at: None,
-                stood_against: 0,
-            })
-            .leader_at = Some(Instant::now());
+        self.lock().entry(group).or_default().leader_at = Some(Instant::now());
     }
 
     /// After this node answered `request` with `response` for `group`:
@@ -80,10 +74,7 @@ impl Stand {
     ) {
         let campaigns = {
             let mut groups = self.lock();
-            let heard = groups.entry(group).or_insert(Heard {
-                leader_at: None,
-                stood_against: 0,
-            });
+            let heard = groups.entry(group).or_default();
             let silent = heard.leader_at.map(|at| at.elapsed());
             let campaigns = campaigns(request, response, silent, self.lease);
             let term = request.vote.leader_id().term;
