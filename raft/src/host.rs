@@ -339,8 +339,13 @@ impl GroupHost {
             counters.committed.clone(),
             applied_rx,
         );
-        let state = GroupStateStore::open(group, self.local.engine().clone(), machine, applied_tx)
-            .map_err(|e| HostError::Storage(e.to_string()))?;
+        let state = GroupStateStore::open(
+            group,
+            self.local.engine().clone(),
+            Box::new(machine),
+            applied_tx,
+        )
+        .map_err(|e| HostError::Storage(e.to_string()))?;
         let network = GroupNetwork::new(group, self.transport.clone());
         // openraft runs the group's core task (and, from it, the replication
         // tasks) in the span current at creation: this one names the group
@@ -448,7 +453,10 @@ impl GroupHost {
     /// This replica's view of `group`.
     pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
         let raft = self.local.groups.get(group)?;
-        let metrics = raft.metrics().borrow().clone();
+        let metrics = {
+            use openraft::async_runtime::WatchReceiver;
+            raft.metrics().borrow_watched().clone()
+        };
         let (committed, applied) = {
             let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
             let c = counters.get(&group)?;

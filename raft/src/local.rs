@@ -7,14 +7,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::error::ForwardToLeader;
-use openraft::BasicNode;
 
 use crate::error::{ReadError, WriteError};
 use crate::network::GroupTable;
 use crate::proposer::Proposer;
 use crate::read_rounds::ReadRounds;
 use crate::storage::{self, Engine};
-use crate::types::{GroupId, KeyValue, NodeId, Raft};
+use crate::types::{GroupId, KeyValue, NodeId, Raft, TypeConfig};
 
 /// Limits applied to every write, local or forwarded.
 #[derive(Clone, Copy, Debug)]
@@ -180,8 +179,6 @@ impl LocalGroups {
 }
 
 /// The leader (id and peer address) an openraft refusal names, when known.
-pub(crate) fn hint(
-    forward: ForwardToLeader<NodeId, BasicNode>,
-) -> (Option<NodeId>, Option<String>) {
+pub(crate) fn hint(forward: ForwardToLeader<TypeConfig>) -> (Option<NodeId>, Option<String>) {
     (forward.leader_id, forward.leader_node.map(|n| n.addr))
 }

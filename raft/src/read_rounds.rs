@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::error::{LinearizableReadError, RaftError};
+use openraft::ReadPolicy;
 use tokio::sync::watch;
 
 use crate::error::ReadError;
@@ -120,10 +121,14 @@ impl ReadRounds {
 
     /// One openraft leadership confirmation.
     async fn confirm(&self) -> Result<(), ReadError> {
-        let confirmed = tokio::time::timeout(self.timeout, self.raft.ensure_linearizable()).await;
+        let confirmed = tokio::time::timeout(
+            self.timeout,
+            self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+        )
+        .await;
         match confirmed {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward)))) => {
                 let (leader, leader_addr) = hint(forward);
                 Err(ReadError::NotLeader {
                     group: self.group,

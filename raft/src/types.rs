@@ -1,7 +1,6 @@
 //! The openraft type configuration shared by every group.
 
 use std::fmt;
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -46,18 +45,20 @@ openraft::declare_raft_types!(
         R = Responses,
         NodeId = NodeId,
         Node = openraft::BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
 /// A Raft log entry of any group.
-pub type Entry = openraft::Entry<TypeConfig>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 /// A log id (term, leader, index) of any group.
-pub type LogId = openraft::LogId<NodeId>;
-/// The storage error openraft understands.
-pub type StorageError = openraft::StorageError<NodeId>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+/// A vote (term, candidate, committed) of any group.
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
 /// A group's membership as stored with the log id that introduced it.
-pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+/// A snapshot's metadata: the last log id and membership it covers.
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+/// A built or received snapshot: its metadata and the bytes of the state.
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Vec<u8>>;
 /// The openraft handle of one group.
-pub type Raft = openraft::Raft<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig, crate::storage::GroupStateStore>;

@@ -1,7 +1,7 @@
 //! The sending side: one channel per peer, one openraft network per group.
 
 use std::collections::{BTreeMap, HashMap};
-use std::error::Error;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,28 +10,26 @@ use fishchat_proto::peer::{
     peer_error, propose_reply, raft_reply, route_error, ProposeRequest, RaftMessage, RouteError,
     ScanRequest,
 };
-use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    Unreachable,
-};
-use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{Backoff, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
-use super::MAX_PEER_MESSAGE_BYTES;
-
-/// Largest append-entries message sent in one piece; openraft splits bigger
-/// batches when told the payload is too large.
-const APPEND_BUDGET_BYTES: usize = 8 * 1024 * 1024;
+use super::{RemoteOutcome, SnapshotChunk, MAX_PEER_MESSAGE_BYTES};
 use crate::codec;
 use crate::error::{ReadError, WriteError};
-use crate::types::{GroupId, KeyValue, NodeId, TypeConfig};
+use crate::types::{GroupId, KeyValue, NodeId, Snapshot, TypeConfig, Vote};
+
+/// Largest append-entries message sent in one piece; a bigger batch is cut
+/// and the rest follows in the next message.
+const APPEND_BUDGET_BYTES: usize = 8 * 1024 * 1024;
+/// Snapshot bytes per message when openraft names no chunk size.
+const DEFAULT_SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Why a peer RPC failed before a Raft answer came back.
 #[derive(Debug, thiserror::Error)]
@@ -305,35 +303,25 @@ enum Rpc {
     Snapshot,
 }
 
-type PeerRpcError<E> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+type PeerRpcError = RPCError<TypeConfig>;
 
 impl GroupPeer {
     /// Encodes `request`, sends it and decodes the group's answer.
-    async fn call<Q, P, E>(
-        &self,
-        rpc: Rpc,
-        request: &Q,
-        ttl: Duration,
-    ) -> Result<P, PeerRpcError<E>>
+    async fn call<Q, P>(&self, rpc: Rpc, request: &Q, ttl: Duration) -> Result<P, PeerRpcError>
     where
         Q: Serialize,
         P: DeserializeOwned,
-        E: Error + DeserializeOwned,
     {
         let payload = encode(request).map_err(network)?;
         self.send(rpc, payload, ttl).await
     }
 
-    /// Sends an encoded request and decodes the group's answer.
-    async fn send<P, E>(
-        &self,
-        rpc: Rpc,
-        payload: Vec<u8>,
-        ttl: Duration,
-    ) -> Result<P, PeerRpcError<E>>
+    /// Sends an encoded request and decodes the group's answer. A group that
+    /// answered with an error (it stopped) counts as a network failure:
+    /// openraft retries, and the peer is no different from one that is down.
+    async fn send<P>(&self, rpc: Rpc, payload: Vec<u8>, ttl: Duration) -> Result<P, PeerRpcError>
     where
         P: DeserializeOwned,
-        E: Error + DeserializeOwned,
     {
         let mut client = self
             .transport
@@ -358,9 +346,14 @@ impl GroupPeer {
         };
         match reply.result {
             Some(raft_reply::Result::Payload(bytes)) => {
-                let answer: Result<P, RaftError<NodeId, E>> = codec::decode(&bytes)
+                let answer: RemoteOutcome<P> = codec::decode(&bytes)
                     .map_err(|e| network(TransportError::Decode(e.to_string())))?;
-                answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+                answer.map_err(|message| {
+                    network(TransportError::Refused {
+                        code: peer_error::Code::Unspecified,
+                        message,
+                    })
+                })
             }
             Some(raft_reply::Result::Error(refusal)) => {
                 let code = peer_error::Code::try_from(refusal.code)
@@ -387,7 +380,7 @@ fn encode<Q: Serialize>(request: &Q) -> Result<Vec<u8>, TransportError> {
     codec::encode(request).map_err(|e| TransportError::Encode(e.to_string()))
 }
 
-fn network<E: Error>(err: TransportError) -> PeerRpcError<E> {
+fn network(err: TransportError) -> PeerRpcError {
     RPCError::Network(NetworkError::new(&err))
 }
 
@@ -399,7 +392,7 @@ fn network<E: Error>(err: TransportError) -> PeerRpcError<E> {
 /// dialling timed out) and `Unknown` (a transport error) all say the peer
 /// cannot be reached now. Retrying those at once made a leader spin on a
 /// dead peer, thousands of failed calls and log lines a second.
-fn from_status<E: Error>(status: tonic::Status) -> PeerRpcError<E> {
+fn from_status(status: tonic::Status) -> PeerRpcError {
     let unreachable = matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
@@ -412,43 +405,100 @@ fn from_status<E: Error>(status: tonic::Status) -> PeerRpcError<E> {
     }
 }
 
-impl RaftNetwork<TypeConfig> for GroupPeer {
+/// The same failure, as a snapshot transfer reports it.
+fn streaming(err: PeerRpcError) -> StreamingError<TypeConfig> {
+    match err {
+        RPCError::Timeout(e) => StreamingError::Timeout(e),
+        RPCError::Unreachable(e) => StreamingError::Unreachable(e),
+        RPCError::Network(e) => StreamingError::Network(e),
+        RPCError::RemoteError(e) => StreamingError::Network(NetworkError::new(&e)),
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for GroupPeer {
+    type SnapshotData = Vec<u8>;
+
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, PeerRpcError<openraft::error::Infallible>> {
-        let payload = encode(&rpc).map_err(network)?;
-        let entries = rpc.entries.len() as u64;
-        if payload.len() > APPEND_BUDGET_BYTES && entries > 1 {
-            // Too big for one message: openraft retries with fewer entries.
-            return Err(RPCError::PayloadTooLarge(
-                PayloadTooLarge::new_entries_hint(entries / 2),
-            ));
+    ) -> Result<AppendEntriesResponse<TypeConfig>, PeerRpcError> {
+        let mut payload = encode(&rpc).map_err(network)?;
+        let mut cut = false;
+        while payload.len() > APPEND_BUDGET_BYTES && rpc.entries.len() > 1 {
+            // Too big for one message: send the first half now; openraft
+            // sends the rest next, from what the follower reports it holds.
+            let keep = rpc.entries.len() / 2;
+            rpc.entries.truncate(keep);
+            let last = rpc.entries.last().map(|e| e.log_id);
+            rpc.leader_commit = rpc.leader_commit.min(last);
+            payload = encode(&rpc).map_err(network)?;
+            cut = true;
         }
-        self.send(Rpc::Append, payload, option.hard_ttl()).await
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, PeerRpcError<InstallSnapshotError>> {
-        self.call(Rpc::Snapshot, &rpc, option.hard_ttl()).await
+        let last = rpc.entries.last().map(|e| e.log_id);
+        let response = self.send(Rpc::Append, payload, option.hard_ttl()).await?;
+        Ok(match response {
+            AppendEntriesResponse::Success if cut => AppendEntriesResponse::PartialSuccess(last),
+            other => other,
+        })
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, PeerRpcError<openraft::error::Infallible>> {
+    ) -> Result<VoteResponse<TypeConfig>, PeerRpcError> {
         self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
+    }
+
+    /// Sends the snapshot in chunks of openraft's chunk size; the follower
+    /// installs it when the last one arrives.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut cancel = std::pin::pin!(cancel);
+        let chunk_bytes = option
+            .snapshot_chunk_size()
+            .unwrap_or(DEFAULT_SNAPSHOT_CHUNK_BYTES)
+            .max(1);
+        let total = snapshot.snapshot.len();
+        let mut offset = 0;
+        loop {
+            let end = (offset + chunk_bytes).min(total);
+            let chunk = SnapshotChunk {
+                vote,
+                meta: snapshot.meta.clone(),
+                offset: offset as u64,
+                data: serde_bytes::ByteBuf::from(snapshot.snapshot[offset..end].to_vec()),
+                done: end == total,
+            };
+            let sent = self.call::<_, Option<SnapshotResponse<TypeConfig>>>(
+                Rpc::Snapshot,
+                &chunk,
+                option.hard_ttl(),
+            );
+            let answer = tokio::select! {
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                answer = sent => answer.map_err(streaming)?,
+            };
+            match answer {
+                Some(response) => return Ok(response),
+                None if end == total => {
+                    return Err(streaming(network(TransportError::EmptyReply)));
+                }
+                None => offset = end,
+            }
+        }
     }
 
     /// After an unreachable peer: retry soon (a restarted peer is back in
     /// well under a second), then less and less often, at most every 500 ms.
-    fn backoff(&self) -> Backoff {
-        Backoff::new(unreachable_backoff())
+    fn backoff(&self) -> Option<Backoff> {
+        Some(Backoff::new(unreachable_backoff()))
     }
 }
 
@@ -474,12 +524,10 @@ mod tests {
             tonic::Code::Cancelled,
             tonic::Code::Unknown,
         ] {
-            let err: PeerRpcError<openraft::error::Infallible> =
-                from_status(tonic::Status::new(code, "transport error"));
+            let err = from_status(tonic::Status::new(code, "transport error"));
             assert!(matches!(err, RPCError::Unreachable(_)), "{code:?}: {err:?}");
         }
-        let err: PeerRpcError<openraft::error::Infallible> =
-            from_status(tonic::Status::new(tonic::Code::DeadlineExceeded, "slow"));
+        let err = from_status(tonic::Status::new(tonic::Code::DeadlineExceeded, "slow"));
         assert!(matches!(err, RPCError::Network(_)), "{err:?}");
         let waits: Vec<u64> = unreachable_backoff()
             .take(7)

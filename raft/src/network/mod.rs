@@ -27,3 +27,24 @@ pub(crate) use server::PeerService;
 /// chunks are far smaller (see `RaftTiming::snapshot_chunk_bytes`); this bounds
 /// append-entries batches of large commands.
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// What a peer's group answered: its reply, or why it could not (the group
+/// stopped). The sender treats the latter like a network failure.
+type RemoteOutcome<P> = Result<P, String>;
+
+/// One piece of a snapshot on its way to a follower. The follower gathers
+/// the pieces of one snapshot in order and installs it on the last; the
+/// answer to every other piece is `None`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotChunk {
+    /// The leader's vote.
+    vote: crate::types::Vote,
+    /// What the snapshot covers.
+    meta: crate::types::SnapshotMeta,
+    /// Where this piece starts in the snapshot's bytes.
+    offset: u64,
+    /// The piece.
+    data: serde_bytes::ByteBuf,
+    /// Whether this is the last piece.
+    done: bool,
+}

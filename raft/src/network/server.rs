@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use fishchat_proto::peer::raft_peer_server::RaftPeer;
@@ -10,17 +10,17 @@ use fishchat_proto::peer::{
     peer_error, propose_reply, raft_reply, route_error, KeyValue, PeerError, ProposeReply,
     ProposeRequest, RaftMessage, RaftReply, RouteError, ScanReply, ScanRequest,
 };
-use openraft::error::RaftError;
-use openraft::raft::VoteRequest;
+use openraft::raft::{SnapshotResponse, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Status};
 
 use super::stand::Stand;
+use super::{RemoteOutcome, SnapshotChunk};
 use crate::codec;
 use crate::error::{ReadError, WriteError};
 use crate::local::LocalGroups;
-use crate::types::{GroupId, NodeId, Raft};
+use crate::types::{GroupId, NodeId, Raft, Snapshot, TypeConfig};
 
 /// The groups this node hosts, by id. Read on every peer message; written only
 /// when a group is opened or the node stops.
@@ -79,6 +79,8 @@ impl GroupTable {
 pub(crate) struct PeerService {
     local: Arc<LocalGroups>,
     stand: Stand,
+    /// Per group, the snapshot being received, piece by piece.
+    receiving: Mutex<HashMap<GroupId, SnapshotChunk>>,
 }
 
 impl PeerService {
@@ -88,6 +90,7 @@ impl PeerService {
         Self {
             local,
             stand: Stand::new(lease),
+            receiving: Mutex::new(HashMap::new()),
         }
     }
 
@@ -96,9 +99,9 @@ impl PeerService {
     where
         Q: DeserializeOwned,
         P: Serialize,
-        E: Serialize + std::error::Error,
+        E: std::fmt::Display,
         F: FnOnce(Raft, Q) -> Fut,
-        Fut: Future<Output = Result<P, RaftError<NodeId, E>>>,
+        Fut: Future<Output = Result<P, E>>,
     {
         let Some(raft) = self.local.groups.get(message.group_id) else {
             return refusal(
@@ -113,13 +116,69 @@ impl PeerService {
                 return refusal(peer_error::Code::BadPayload, e.to_string());
             }
         };
-        let outcome = handle(raft, request).await;
+        let outcome: RemoteOutcome<P> = handle(raft, request).await.map_err(|e| e.to_string());
         match codec::encode(&outcome) {
             Ok(bytes) => RaftReply {
                 result: Some(raft_reply::Result::Payload(bytes)),
             },
             Err(e) => refusal(peer_error::Code::Unspecified, e.to_string()),
         }
+    }
+}
+
+impl PeerService {
+    /// Adds one piece of a snapshot for `group`; on the last piece, installs
+    /// the whole snapshot and returns the group's answer. A piece that does
+    /// not continue the snapshot being gathered is refused, and the leader
+    /// starts the transfer over.
+    async fn receive_snapshot(
+        &self,
+        group: GroupId,
+        raft: &Raft,
+        chunk: SnapshotChunk,
+    ) -> Result<Option<SnapshotResponse<TypeConfig>>, String> {
+        let complete = {
+            let mut receiving = self.receiving.lock().unwrap_or_else(|p| p.into_inner());
+            if chunk.offset == 0 {
+                receiving.remove(&group);
+            }
+            let gathered = match receiving.remove(&group) {
+                None if chunk.offset == 0 => chunk,
+                None => {
+                    return Err(format!(
+                        "snapshot piece at {} without a start",
+                        chunk.offset
+                    ))
+                }
+                Some(mut gathered) => {
+                    let continues = gathered.vote == chunk.vote
+                        && gathered.meta == chunk.meta
+                        && gathered.data.len() as u64 == chunk.offset;
+                    if !continues {
+                        return Err(format!(
+                            "snapshot piece at {} does not continue the one received",
+                            chunk.offset
+                        ));
+                    }
+                    gathered.data.extend_from_slice(&chunk.data);
+                    gathered.done = chunk.done;
+                    gathered
+                }
+            };
+            if !gathered.done {
+                receiving.insert(group, gathered);
+                return Ok(None);
+            }
+            gathered
+        };
+        let snapshot = Snapshot {
+            meta: complete.meta,
+            snapshot: complete.data.into_vec(),
+        };
+        raft.install_full_snapshot(complete.vote, snapshot)
+            .await
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -159,7 +218,7 @@ impl RaftPeer for PeerService {
         let message = request.into_inner();
         let group = message.group_id;
         let reply = self
-            .dispatch(message, |raft, rpc: VoteRequest<NodeId>| async move {
+            .dispatch(message, |raft, rpc: VoteRequest<TypeConfig>| async move {
                 let outcome = raft.vote(rpc.clone()).await;
                 if let Ok(response) = &outcome {
                     self.stand.after_vote(group, &raft, &rpc, response).await;
@@ -174,9 +233,11 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftReply>, Status> {
+        let message = request.into_inner();
+        let group = message.group_id;
         let reply = self
-            .dispatch(request.into_inner(), |raft, rpc| async move {
-                raft.install_snapshot(rpc).await
+            .dispatch(message, |raft, chunk: SnapshotChunk| async move {
+                self.receive_snapshot(group, &raft, chunk).await
             })
             .await;
         Ok(tonic::Response::new(reply))

@@ -1,19 +1,20 @@
 //! The Raft log and Raft metadata of one group, in the shared RocksDB.
 
 use std::fmt::Debug;
+use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{ErrorSubject, ErrorVerb, LogState, RaftLogReader, Vote};
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, RaftLogReader};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use tokio::sync::watch;
 
 use super::engine::{index_of_log_key, log_key, meta_key, MetaTag};
 use super::{io_error, Engine, WalSyncer, CF_LOG, CF_META};
 use crate::codec::{decode, encode};
-use crate::types::{Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
+use crate::types::{Entry, GroupId, LogId, TypeConfig, Vote};
 
 /// Log storage of one group. Cheap to clone: openraft's replication tasks read
 /// the log through clones while the group's core appends to it.
@@ -47,17 +48,14 @@ impl GroupLogStore {
         }
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        tag: MetaTag,
-        subject: ErrorSubject<NodeId>,
-    ) -> Result<Option<T>, StorageError> {
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, tag: MetaTag) -> io::Result<Option<T>> {
+        let doing = "reading raft metadata";
         let db = self.engine.db();
         let bytes = db
             .get_pinned_cf(self.engine.cf(CF_META), meta_key(self.group, tag))
-            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, e))?;
+            .map_err(|e| io_error(doing, e))?;
         bytes
-            .map(|b| decode(&b).map_err(|e| io_error(subject, ErrorVerb::Read, e)))
+            .map(|b| decode(&b).map_err(|e| io_error(doing, e)))
             .transpose()
     }
 
@@ -67,15 +65,14 @@ impl GroupLogStore {
         batch: &mut WriteBatch,
         tag: MetaTag,
         value: &T,
-        subject: ErrorSubject<NodeId>,
-    ) -> Result<(), StorageError> {
-        let bytes = encode(value).map_err(|e| io_error(subject, ErrorVerb::Write, e))?;
+    ) -> io::Result<()> {
+        let bytes = encode(value).map_err(|e| io_error("encoding raft metadata", e))?;
         batch.put_cf(self.engine.cf(CF_META), meta_key(self.group, tag), bytes);
         Ok(())
     }
 
     /// The last entry of the log, if any.
-    fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
+    fn last_entry_id(&self) -> io::Result<Option<LogId>> {
         let db = self.engine.db();
         let mut options = ReadOptions::default();
         options.set_iterate_lower_bound(log_key(self.group, 0).to_vec());
@@ -88,10 +85,8 @@ impl GroupLogStore {
         match iter.next() {
             None => Ok(None),
             Some(item) => {
-                let (_, value) =
-                    item.map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-                let entry: Entry =
-                    decode(&value).map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let (_, value) = item.map_err(|e| io_error("reading the log", e))?;
+                let entry: Entry = decode(&value).map_err(|e| io_error("reading the log", e))?;
                 Ok(Some(entry.log_id))
             }
         }
@@ -113,7 +108,7 @@ impl RaftLogReader<TypeConfig> for GroupLogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, StorageError> {
+    ) -> io::Result<Vec<Entry>> {
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i.saturating_add(1),
@@ -138,28 +133,26 @@ impl RaftLogReader<TypeConfig> for GroupLogStore {
         );
         let mut entries = Vec::new();
         for item in iter {
-            let (key, value) =
-                item.map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let index = index_of_log_key(&key);
+            let (key, value) = item.map_err(|e| io_error("reading the log", e))?;
             let entry: Entry = decode(&value).map_err(|e| {
-                io_error(
-                    ErrorSubject::LogIndex(index.unwrap_or(0)),
-                    ErrorVerb::Read,
-                    e,
-                )
+                let index = index_of_log_key(&key).unwrap_or(0);
+                io_error(&format!("reading log entry {index}"), e)
             })?;
             entries.push(entry);
         }
         Ok(entries)
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.read_meta(MetaTag::Vote)
     }
 }
 
 impl RaftLogStorage<TypeConfig> for GroupLogStore {
     type LogReader = Self;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id: Option<LogId> =
-            self.read_meta(MetaTag::Purged, ErrorSubject::Logs)?;
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId> = self.read_meta(MetaTag::Purged)?;
         let last_log_id = self.last_entry_id()?.max(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
@@ -171,41 +164,31 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
         let mut batch = WriteBatch::default();
-        self.put_meta(&mut batch, MetaTag::Vote, vote, ErrorSubject::Vote)?;
+        self.put_meta(&mut batch, MetaTag::Vote, vote)?;
         self.engine
             .write(batch)
-            .map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+            .map_err(|e| io_error("writing the vote", e))?;
         self.syncer
             .sync()
             .await
-            .map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, e))
+            .map_err(|e| io_error("syncing the vote", e))
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.read_meta(MetaTag::Vote, ErrorSubject::Vote)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
         if let Some(id) = &committed {
             self.committed.store(id.index, Ordering::Relaxed);
         }
         let mut batch = WriteBatch::default();
-        self.put_meta(
-            &mut batch,
-            MetaTag::Committed,
-            &committed,
-            ErrorSubject::Store,
-        )?;
+        self.put_meta(&mut batch, MetaTag::Committed, &committed)?;
         self.engine
             .write(batch)
-            .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, e))
+            .map_err(|e| io_error("writing the committed index", e))
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        let committed: Option<Option<LogId>> =
-            self.read_meta(MetaTag::Committed, ErrorSubject::Store)?;
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+        let committed: Option<Option<LogId>> = self.read_meta(MetaTag::Committed)?;
         let committed = committed.flatten();
         if let Some(id) = &committed {
             self.committed.store(id.index, Ordering::Relaxed);
@@ -213,11 +196,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         Ok(committed)
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -225,27 +204,27 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         let mut batch = WriteBatch::default();
         let cf = self.engine.cf(CF_LOG);
         for entry in entries {
-            let bytes = encode(&entry)
-                .map_err(|e| io_error(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
+            let bytes = encode(&entry).map_err(|e| io_error("encoding a log entry", e))?;
             batch.put_cf(cf, log_key(self.group, entry.log_id.index), bytes);
         }
         // Readable now; durable once the syncer has synced the WAL.
         self.engine
             .write(batch)
-            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            .map_err(|e| io_error("appending to the log", e))?;
         self.syncer
             .after_sync(callback)
             .await
-            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Write, e))
+            .map_err(|e| io_error("syncing the log", e))
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
+        let from = last_log_id.map_or(0, |id| id.index + 1);
         self.engine
-            .write(self.delete_batch(log_id.index, u64::MAX))
-            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            .write(self.delete_batch(from, u64::MAX))
+            .map_err(|e| io_error("truncating the log", e))
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         // openraft purges right after queueing a snapshot install, before the
         // install is written. Purging first could leave, after a crash, a log
         // that starts past the applied state: wait until the state covers it.
@@ -253,15 +232,14 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         let covered = applied.wait_for(|index| *index >= log_id.index).await;
         if covered.is_err() {
             return Err(io_error(
-                ErrorSubject::Logs,
-                ErrorVerb::Delete,
+                "purging the log",
                 "state machine stopped before the purge was covered",
             ));
         }
         let mut batch = self.delete_batch(0, log_id.index.saturating_add(1));
-        self.put_meta(&mut batch, MetaTag::Purged, &log_id, ErrorSubject::Logs)?;
+        self.put_meta(&mut batch, MetaTag::Purged, &log_id)?;
         self.engine
             .write(batch)
-            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            .map_err(|e| io_error("purging the log", e))
     }
 }

@@ -23,10 +23,6 @@
 //! its log. `atomic_flush` keeps the column families consistent with each other
 //! when memtables reach disk.
 
-// openraft's storage traits fix the error type (`StorageError`, 224 bytes);
-// the helpers here return it as is rather than box it and convert back.
-#![allow(clippy::result_large_err)]
-
 mod engine;
 mod log_store;
 mod snapshot;
@@ -36,17 +32,14 @@ mod wal_sync;
 pub(crate) use engine::{group_of_meta_key, state_data_range, CF_LOG, CF_META, CF_STATE};
 pub use engine::{Engine, StorageStats};
 pub(crate) use log_store::GroupLogStore;
-pub(crate) use state_store::GroupStateStore;
+pub use state_store::GroupStateStore;
 pub(crate) use wal_sync::WalSyncer;
 
-/// Turns any storage failure into the error openraft expects. Such a failure is
-/// not deterministic, so openraft stops the group rather than let it diverge.
-pub(crate) fn io_error(
-    subject: openraft::ErrorSubject<crate::NodeId>,
-    verb: openraft::ErrorVerb,
-    err: impl std::fmt::Display,
-) -> crate::types::StorageError {
-    openraft::StorageIOError::new(subject, verb, openraft::AnyError::error(err)).into()
+/// Turns a storage failure into the error openraft expects, saying what was
+/// being done. Such a failure is not deterministic, so openraft stops the
+/// group rather than let it diverge.
+pub(crate) fn io_error(doing: &str, err: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("{doing}: {err}"))
 }
 
 /// Reads application key `key` of `group` from the latest state.

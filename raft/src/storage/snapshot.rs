@@ -7,30 +7,29 @@
 //! sends the bytes to a follower in chunks of `snapshot_max_chunk_size`.
 
 use std::hash::Hasher;
-use std::io::Cursor;
+use std::io;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use openraft::{ErrorSubject, ErrorVerb, RaftSnapshotBuilder, Snapshot, SnapshotMeta};
+use openraft::RaftSnapshotBuilder;
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 
 use super::engine::{state_system_key, StateTag};
 use super::{io_error, state_data_range, Engine, CF_STATE};
 use crate::codec::decode;
-use crate::types::{GroupId, LogId, NodeId, StorageError, StoredMembership, TypeConfig};
+use crate::types::{GroupId, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// A built or installed snapshot, kept to serve followers that need it.
 #[derive(Clone)]
 pub(crate) struct StoredSnapshot {
-    pub(crate) meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    pub(crate) meta: SnapshotMeta,
     pub(crate) data: Arc<Vec<u8>>,
 }
 
 impl StoredSnapshot {
-    pub(crate) fn to_snapshot(&self) -> Snapshot<TypeConfig> {
+    pub(crate) fn to_snapshot(&self) -> Snapshot {
         Snapshot {
             meta: self.meta.clone(),
-            snapshot: Box::new(Cursor::new(self.data.as_ref().clone())),
+            snapshot: self.data.as_ref().clone(),
         }
     }
 }
@@ -52,18 +51,20 @@ pub(crate) fn keep_newest(current: &CurrentSnapshot, candidate: StoredSnapshot) 
 }
 
 /// Builds snapshots of one group from a consistent view of the database.
-pub(crate) struct GroupSnapshotBuilder {
+pub struct GroupSnapshotBuilder {
     pub(crate) group: GroupId,
     pub(crate) engine: Engine,
     pub(crate) current: CurrentSnapshot,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let (engine, group) = (self.engine.clone(), self.group);
         let built = tokio::task::spawn_blocking(move || build(&engine, group))
             .await
-            .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))??;
+            .map_err(|e| io_error("building a snapshot", e))??;
         let snapshot = built.to_snapshot();
         keep_newest(&self.current, built);
         Ok(snapshot)
@@ -71,10 +72,8 @@ impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
 }
 
 /// Reads the group's state range and applied state from one RocksDB snapshot.
-pub(crate) fn build(engine: &Engine, group: GroupId) -> Result<StoredSnapshot, StorageError> {
-    let failed = |e: &dyn std::fmt::Display| {
-        io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e.to_string())
-    };
+pub(crate) fn build(engine: &Engine, group: GroupId) -> io::Result<StoredSnapshot> {
+    let failed = |e: &dyn std::fmt::Display| io_error("building a snapshot", e);
     let db = engine.db();
     let view = db.snapshot();
     let cf = engine.cf(CF_STATE);
@@ -100,16 +99,10 @@ pub(crate) fn build(engine: &Engine, group: GroupId) -> Result<StoredSnapshot, S
         let (key, value) = item.map_err(|e| failed(&e))?;
         push_record(&mut data, &key[start.len()..], &value);
     }
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let index = applied.map(|id| id.index).unwrap_or(0);
     Ok(StoredSnapshot {
         meta: SnapshotMeta {
             last_log_id: applied,
             last_membership: membership,
-            snapshot_id: format!("{group}-{index}-{stamp}"),
         },
         data: Arc::new(data),
     })
@@ -162,7 +155,7 @@ pub(crate) fn parse_records(data: &[u8]) -> Result<Vec<Record<'_>>, MalformedSna
 /// A fingerprint of a group's state-machine data: equal on two replicas that
 /// applied the same log. Returns the applied index it was taken at, and the
 /// 64-bit FNV-1a hash of the group's records in key order.
-pub(crate) fn digest(engine: &Engine, group: GroupId) -> Result<(u64, u64), StorageError> {
+pub(crate) fn digest(engine: &Engine, group: GroupId) -> io::Result<(u64, u64)> {
     let built = build(engine, group)?;
     let index = built.meta.last_log_id.map(|id| id.index).unwrap_or(0);
     Ok((index, fnv1a64(&built.data)))

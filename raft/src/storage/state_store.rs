@@ -1,11 +1,12 @@
 //! openraft's state-machine storage for one group: applies committed entries to
 //! the application's [`StateMachine`] and keeps its snapshots.
 
-use std::io::Cursor;
+use std::io;
 use std::sync::{Arc, Mutex};
 
-use openraft::storage::RaftStateMachine;
-use openraft::{EntryPayload, ErrorSubject, ErrorVerb, Snapshot, SnapshotMeta};
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::EntryPayload;
 use rocksdb::WriteBatch;
 use tokio::sync::watch;
 
@@ -15,14 +16,14 @@ use super::{io_error, state_data_range, Engine, CF_STATE};
 use crate::codec::{decode, encode};
 use crate::state_machine::{ApplyTxn, StateMachine};
 use crate::types::{
-    Entry, GroupId, LogId, NodeId, Response, Responses, StorageError, StoredMembership, TypeConfig,
+    GroupId, LogId, Response, Responses, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
 };
 
 /// The applied state of one group and the application machine that owns it.
-pub(crate) struct GroupStateStore<S> {
+pub struct GroupStateStore {
     group: GroupId,
     engine: Engine,
-    machine: S,
+    machine: Box<dyn StateMachine>,
     applied: Option<LogId>,
     membership: StoredMembership,
     current: CurrentSnapshot,
@@ -31,21 +32,22 @@ pub(crate) struct GroupStateStore<S> {
     applied_index: watch::Sender<u64>,
 }
 
-impl<S: StateMachine> GroupStateStore<S> {
+impl GroupStateStore {
     /// Opens the applied state of `group` as it is on disk.
     pub(crate) fn open(
         group: GroupId,
         engine: Engine,
-        machine: S,
+        machine: Box<dyn StateMachine>,
         applied_index: watch::Sender<u64>,
-    ) -> Result<Self, StorageError> {
-        let read = |tag| -> Result<Option<Vec<u8>>, StorageError> {
+    ) -> io::Result<Self> {
+        let doing = "reading the applied state";
+        let read = |tag| -> io::Result<Option<Vec<u8>>> {
             engine
                 .db()
                 .get_cf(engine.cf(CF_STATE), state_system_key(group, tag))
-                .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, e))
+                .map_err(|e| io_error(doing, e))
         };
-        let undecodable = |e| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, e);
+        let undecodable = |e| io_error(doing, e);
         let applied: Option<LogId> = match read(StateTag::Applied)? {
             Some(bytes) => decode(&bytes).map_err(undecodable)?,
             None => None,
@@ -67,9 +69,9 @@ impl<S: StateMachine> GroupStateStore<S> {
     }
 
     /// Adds the applied log id and membership to `batch`.
-    fn record_applied(&self, batch: &mut WriteBatch) -> Result<(), StorageError> {
+    fn record_applied(&self, batch: &mut WriteBatch) -> io::Result<()> {
         let cf = self.engine.cf(CF_STATE);
-        let failed = |e| io_error(ErrorSubject::StateMachine, ErrorVerb::Write, e);
+        let failed = |e| io_error("recording the applied state", e);
         batch.put_cf(
             cf,
             state_system_key(self.group, StateTag::Applied),
@@ -92,71 +94,70 @@ impl<S: StateMachine> GroupStateStore<S> {
     }
 }
 
-impl<S: StateMachine> RaftStateMachine<TypeConfig> for GroupStateStore<S> {
+impl RaftStateMachine<TypeConfig> for GroupStateStore {
+    type SnapshotData = Vec<u8>;
     type SnapshotBuilder = GroupSnapshotBuilder;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
         Ok((self.applied, self.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Responses>, StorageError>
+    /// Applies every entry openraft hands over in one call inside one
+    /// storage transaction, and answers the proposers once it is written.
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
     where
-        I: IntoIterator<Item = Entry> + Send,
-        I::IntoIter: Send,
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
         let mut txn = ApplyTxn::new(self.group, &self.engine);
-        let mut responses = Vec::new();
-        for entry in entries {
+        let mut answered = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
             let log_id = entry.log_id;
-            match entry.payload {
-                EntryPayload::Blank => responses.push(Responses::default()),
+            let responses = match entry.payload {
+                EntryPayload::Blank => Responses::default(),
                 EntryPayload::Normal(batch) => {
                     let mut answers = Vec::with_capacity(batch.0.len());
                     for command in &batch.0 {
                         let answer = self.machine.apply(&command.0, &mut txn).map_err(|e| {
-                            io_error(ErrorSubject::Apply(log_id), ErrorVerb::Write, e)
+                            io_error(&format!("applying log entry {}", log_id.index), e)
                         })?;
                         answers.push(Response(answer));
                     }
-                    responses.push(Responses(answers));
+                    Responses(answers)
                 }
                 EntryPayload::Membership(membership) => {
                     self.membership = StoredMembership::new(Some(log_id), membership);
-                    responses.push(Responses::default());
+                    Responses::default()
                 }
-            }
+            };
             self.applied = Some(log_id);
+            if let Some(responder) = responder {
+                answered.push((responder, responses));
+            }
         }
         let mut batch = std::mem::take(&mut txn.batch);
         drop(txn);
         self.record_applied(&mut batch)?;
         self.engine
             .write(batch)
-            .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            .map_err(|e| io_error("writing applied entries", e))?;
         self.applied_index
             .send_replace(self.applied.map(|id| id.index).unwrap_or(0));
-        Ok(responses)
+        for (responder, responses) in answered {
+            responder.send(responses);
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.builder()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError> {
-        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        let data = snapshot.into_inner();
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<()> {
+        let doing = "installing a snapshot";
         let mut batch = WriteBatch::default();
         {
-            let records = snapshot::parse_records(&data)
-                .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, e))?;
+            let records = snapshot::parse_records(&data).map_err(|e| io_error(doing, e))?;
             let (start, end) = state_data_range(self.group);
             batch.delete_range_cf(self.engine.cf(CF_STATE), start, end);
             for (key, value) in records {
@@ -170,7 +171,7 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for GroupStateStore<S> {
         // snapshot once we answer: it must survive a crash.
         self.engine
             .write_synced(batch)
-            .map_err(|e| io_error(subject, ErrorVerb::Write, e))?;
+            .map_err(|e| io_error(doing, e))?;
         self.applied_index
             .send_replace(self.applied.map(|id| id.index).unwrap_or(0));
         self.machine.restored();
@@ -184,7 +185,7 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for GroupStateStore<S> {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         // Nothing cached after a restart: openraft builds a snapshot itself
         // when its log has been purged, and needs none otherwise.
         let cached = self.current.lock().ok().and_then(|c| c.clone());

@@ -4,7 +4,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
-use openraft::storage::LogFlushed;
+use openraft::storage::IOFlushed;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Engine;
@@ -16,7 +16,7 @@ const SYNC_QUEUE_BOUND: usize = 8192;
 /// A write that was issued unsynced and is waiting to be made durable.
 enum Waiter {
     /// A Raft log append; openraft learns it is durable through the callback.
-    Append(LogFlushed<TypeConfig>),
+    Append(IOFlushed<TypeConfig>),
     /// Any other write (a vote) whose caller awaits durability.
     Write(oneshot::Sender<Result<(), io::Error>>),
 }
@@ -39,7 +39,7 @@ impl WalSyncer {
     }
 
     /// Reports `callback` once every write issued before this call is durable.
-    pub(crate) async fn after_sync(&self, callback: LogFlushed<TypeConfig>) -> io::Result<()> {
+    pub(crate) async fn after_sync(&self, callback: IOFlushed<TypeConfig>) -> io::Result<()> {
         self.queue
             .send(Waiter::Append(callback))
             .await
@@ -78,7 +78,7 @@ fn run(engine: Engine, mut waiting: mpsc::Receiver<Waiter>) {
         for waiter in batch.drain(..) {
             let outcome = result.clone().map_err(io::Error::other);
             match waiter {
-                Waiter::Append(callback) => callback.log_io_completed(outcome),
+                Waiter::Append(callback) => callback.io_completed(outcome),
                 Waiter::Write(done) => {
                     // The caller may have given up waiting; nothing to tell then.
                     let _ = done.send(outcome);
