@@ -92,6 +92,10 @@ pub struct Flags {
     /// Longest election timeout in milliseconds [default: 500].
     #[arg(long, env = "FISHCHAT_ELECTION_MAX_MS")]
     pub election_max_ms: Option<u64>,
+    /// How often a node that leads two or more shards more than another
+    /// hands one over, in seconds; 0 never moves leaders [default: 10].
+    #[arg(long, env = "FISHCHAT_BALANCE_LEADERS_SECS")]
+    pub balance_leaders_secs: Option<u64>,
     /// How long a write may wait for its commit, in milliseconds [default: 10000].
     #[arg(long, env = "FISHCHAT_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
@@ -285,6 +289,11 @@ impl Settings {
                 file.election_max_ms,
                 defaults.election_max,
             ),
+            balance_every: match flags.balance_leaders_secs.or(file.balance_leaders_secs) {
+                None => defaults.balance_every,
+                Some(0) => None,
+                Some(secs) => Some(Duration::from_secs(secs)),
+            },
             ..defaults
         };
         if timing.heartbeat >= timing.election_min || timing.election_min >= timing.election_max {
@@ -428,6 +437,23 @@ mod tests {
             "keys sit beside the nodes' data"
         );
         assert_eq!(settings.limits.max_body_bytes, 65536);
+        assert_eq!(settings.timing.balance_every, Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn leader_balancing_has_a_period_and_zero_turns_it_off() {
+        let with = |secs| {
+            Settings::resolve(Flags {
+                node_id: Some(1),
+                balance_leaders_secs: Some(secs),
+                ..Flags::default()
+            })
+            .expect("valid")
+            .timing
+            .balance_every
+        };
+        assert_eq!(with(3), Some(Duration::from_secs(3)));
+        assert_eq!(with(0), None);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::Instrument;
 
+use crate::balance;
 use crate::error::{HostError, ReadError, WriteError};
 use crate::local::{LocalGroups, WriteLimits};
 use crate::network::{GroupNetwork, PeerService, PeerTransport, MAX_PEER_MESSAGE_BYTES};
@@ -41,6 +42,9 @@ pub struct RaftTiming {
     pub snapshot_chunk_bytes: u64,
     /// Most entries sent in one append-entries message.
     pub max_entries_per_append: u64,
+    /// How often each node checks whether it leads too many groups and
+    /// hands one over (see `balance`); `None` leaves leaders where they are.
+    pub balance_every: Option<Duration>,
 }
 
 impl Default for RaftTiming {
@@ -57,6 +61,7 @@ impl Default for RaftTiming {
             entries_kept_after_snapshot: 1_000,
             snapshot_chunk_bytes: 1024 * 1024,
             max_entries_per_append: 512,
+            balance_every: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -74,6 +79,9 @@ impl RaftTiming {
             max_in_snapshot_log_to_keep: self.entries_kept_after_snapshot,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
             max_payload_entries: self.max_entries_per_append,
+            // A candidate first asks whether it would win: a node back from
+            // a partition cannot raise the term and depose a healthy leader.
+            enable_pre_vote: Some(true),
             ..Config::default()
         }
         .validate()
@@ -188,6 +196,7 @@ pub struct GroupHost {
     transport: Arc<PeerTransport>,
     peer_addr: SocketAddr,
     server: Mutex<Option<PeerServer>>,
+    balancer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl GroupHost {
@@ -239,6 +248,10 @@ impl GroupHost {
                     let _ = stopped.await;
                 }),
         );
+        let balancer = config
+            .timing
+            .balance_every
+            .map(|period| tokio::spawn(balance::run(config.node_id, local.clone(), period)));
         tracing::info!(node = config.node_id, %peer_addr, "group host started");
         Ok(Self {
             transport: Arc::new(PeerTransport::new(
@@ -254,6 +267,7 @@ impl GroupHost {
             counters: Mutex::new(BTreeMap::new()),
             peer_addr,
             server: Mutex::new(Some(PeerServer { stop, task })),
+            balancer: Mutex::new(balancer),
         })
     }
 
@@ -565,6 +579,14 @@ impl GroupHost {
     /// Stops every group and the peer server, and waits (up to ten seconds)
     /// until storage is released, so the data directory can be reopened.
     pub async fn shutdown(&self) {
+        if let Some(balancer) = self
+            .balancer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            balancer.abort();
+        }
         for (group, raft) in self.local.drain() {
             if let Err(e) = raft.shutdown().await {
                 tracing::warn!(group, error = %e, "group did not stop cleanly");

@@ -25,6 +25,10 @@
 //!   two entries of a group in flight (see `proposer`): under load, one
 //!   append, one replication round and one apply serve many commands; idle,
 //!   a command leaves at once, alone.
+//! * **Leaders spread over the nodes.** A node that leads two or more groups
+//!   more than another hands one over (openraft's leader transfer) to a
+//!   caught-up replica there, so the work returns to a node that restarts
+//!   (see `balance`).
 //! * **One gRPC connection per peer node.** Every group's append-entries, vote
 //!   and snapshot-chunk RPCs to a peer share one HTTP/2 channel that reconnects
 //!   by itself; openraft backs off while a peer is unreachable (see
@@ -54,6 +58,7 @@
 //! Users, messages, inboxes, shards: anything of the chat domain. Those belong
 //! to `fishchat-shard`, which plugs in through [`StateMachine`].
 
+mod balance;
 mod codec;
 pub mod error;
 mod forward;

@@ -195,6 +195,54 @@ async fn a_stopped_leader_is_replaced_and_rejoins_as_a_follower() -> anyhow::Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_return_to_a_restarted_host_until_each_leads_its_share() -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let timing = RaftTiming {
+        balance_every: Some(Duration::from_millis(500)),
+        ..test_timing()
+    };
+    let mut cluster = Cluster::start(3, 6, timing).await?;
+    write_many(cluster.live(), &cluster.groups, 0, 20, 4).await?;
+    cluster.stop(0).await?;
+    // The groups host 0 led elect leaders on the other two.
+    for group in cluster.groups.clone() {
+        let leader = cluster.leader_of(group, LONG).await?;
+        assert_ne!(leader, 0, "group {group} is led by a live host");
+    }
+    write_many(cluster.live(), &cluster.groups, 20, 20, 4).await?;
+    cluster.restart(0).await?;
+
+    let deadline = std::time::Instant::now() + LONG;
+    let led = loop {
+        let mut led = [0usize; 3];
+        for (index, count) in led.iter_mut().enumerate() {
+            let host = cluster.host(index)?;
+            *count = cluster
+                .groups
+                .iter()
+                .filter(|g| host.status(**g).is_some_and(|s| s.role == Role::Leader))
+                .count();
+        }
+        if led == [2, 2, 2] || std::time::Instant::now() > deadline {
+            break led;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        led,
+        [2, 2, 2],
+        "each host leads two of the six groups again"
+    );
+    // Hand-overs lose nothing: every group still takes writes and holds all.
+    write_many(cluster.live(), &cluster.groups, 40, 20, 4).await?;
+    cluster.wait_converged(LONG).await?;
+    let restarted = cluster.host(0)?;
+    assert_holds_writes(&restarted, &cluster.groups, &[0, 19, 20, 59])?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_stopping_and_reopening_every_host() -> anyhow::Result<()> {
     let _turn = serial().await;
     let mut cluster = Cluster::start(3, 4, test_timing()).await?;

@@ -13,7 +13,8 @@ use fishchat_proto::peer::{
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
@@ -300,7 +301,9 @@ pub(crate) struct GroupPeer {
 enum Rpc {
     Append,
     Vote,
+    PreVote,
     Snapshot,
+    TransferLeader,
 }
 
 type PeerRpcError = RPCError<TypeConfig>;
@@ -336,7 +339,9 @@ impl GroupPeer {
             match rpc {
                 Rpc::Append => client.append(message).await,
                 Rpc::Vote => client.vote(message).await,
+                Rpc::PreVote => client.pre_vote(message).await,
                 Rpc::Snapshot => client.snapshot(message).await,
+                Rpc::TransferLeader => client.transfer_leader(message).await,
             }
         };
         let reply = match tokio::time::timeout(ttl, sent).await {
@@ -449,6 +454,23 @@ impl RaftNetworkV2<TypeConfig> for GroupPeer {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, PeerRpcError> {
         self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, PeerRpcError> {
+        self.call(Rpc::PreVote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, PeerRpcError> {
+        self.call(Rpc::TransferLeader, &rpc, option.hard_ttl())
+            .await
     }
 
     /// Sends the snapshot in chunks of openraft's chunk size; the follower

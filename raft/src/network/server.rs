@@ -10,7 +10,7 @@ use fishchat_proto::peer::{
     peer_error, propose_reply, raft_reply, route_error, KeyValue, PeerError, ProposeReply,
     ProposeRequest, RaftMessage, RaftReply, RouteError, ScanReply, ScanRequest,
 };
-use openraft::raft::{SnapshotResponse, VoteRequest};
+use openraft::raft::{SnapshotResponse, TransferLeaderRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Status};
@@ -225,6 +225,34 @@ impl RaftPeer for PeerService {
                 }
                 outcome
             })
+            .await;
+        Ok(tonic::Response::new(reply))
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<tonic::Response<RaftReply>, Status> {
+        let reply = self
+            .dispatch(
+                request.into_inner(),
+                |raft, rpc: VoteRequest<TypeConfig>| async move { raft.pre_vote(rpc).await },
+            )
+            .await;
+        Ok(tonic::Response::new(reply))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<tonic::Response<RaftReply>, Status> {
+        let reply = self
+            .dispatch(
+                request.into_inner(),
+                |raft, rpc: TransferLeaderRequest<TypeConfig>| async move {
+                    raft.handle_transfer_leader(rpc).await
+                },
+            )
             .await;
         Ok(tonic::Response::new(reply))
     }

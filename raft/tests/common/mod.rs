@@ -51,6 +51,8 @@ pub fn test_timing() -> RaftTiming {
         heartbeat: Duration::from_millis(150),
         election_min: Duration::from_millis(900),
         election_max: Duration::from_millis(1800),
+        // Leaders stay where the tests put them, unless a test moves them.
+        balance_every: None,
         ..RaftTiming::default()
     }
 }
