@@ -9,18 +9,30 @@
 //! while one is out waits for the next, which starts as soon as the current
 //! one ends, and every read waiting for it shares it. A burst of reads costs
 //! two rounds, not one per read; a lone read costs one round, as before.
+//!
+//! A "round" is usually free: the leader confirms by its lease when a
+//! quorum acknowledged one of its messages within the lease, and sends
+//! heartbeats only when none did (see [`lease_or_round`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{LinearizableReadError, RaftError};
-use openraft::ReadPolicy;
+use openraft::LinearizerOption;
 use tokio::sync::watch;
 
 use crate::error::ReadError;
 use crate::local::hint;
 use crate::types::{GroupId, Raft};
+
+/// How a read confirms leadership: by the leader's lease when a quorum
+/// answered one of its messages within the lease (heartbeats go out every
+/// `RaftTiming::heartbeat`, far inside it), else by a heartbeat round sent
+/// at once.
+fn lease_or_round() -> LinearizerOption {
+    LinearizerOption::new(None, true)
+}
 
 /// One group's rounds.
 pub(crate) struct ReadRounds {
@@ -123,7 +135,7 @@ impl ReadRounds {
     async fn confirm(&self) -> Result<(), ReadError> {
         let confirmed = tokio::time::timeout(
             self.timeout,
-            self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+            self.raft.ensure_linearizable(lease_or_round()),
         )
         .await;
         match confirmed {
