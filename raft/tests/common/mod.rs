@@ -101,6 +101,9 @@ impl Cluster {
             initializer.initialize_group(*group, &members).await?;
         }
         cluster.wait_for_leaders(Duration::from_secs(30)).await?;
+        cluster
+            .wait_for_writable_leaders(Duration::from_secs(30))
+            .await?;
         Ok(cluster)
     }
 
@@ -179,6 +182,30 @@ impl Cluster {
         for host in self.live() {
             for group in &self.groups {
                 host.wait_for_leader(*group, timeout).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every group's leader has committed the entries of its
+    /// term (the first is its blank entry): openraft 0.10 refuses writes on a
+    /// new leader until a quorum has acknowledged it, which this implies.
+    pub async fn wait_for_writable_leaders(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for group in &self.groups {
+            loop {
+                let ready = self.live().iter().any(|host| {
+                    host.status(*group).is_some_and(|s| {
+                        s.role == Role::Leader && s.committed > 0 && s.committed >= s.last_log_index
+                    })
+                });
+                if ready {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("group {group}'s leader committed nothing within {timeout:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         Ok(())
