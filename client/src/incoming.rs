@@ -1,14 +1,15 @@
 //! [`Client::incoming`]: every new inbox entry, exactly once and in version
 //! order, across notifies, lost notifies and failovers.
 //!
-//! Notifies are hints, never data (docs/protocol.md, "The push stream"), so
-//! the background task treats every source of news the same way: it syncs
-//! from the highest version it delivered, `held`, and delivers entries
-//! `held+1, held+2, ...` in order, skipping what it already delivered and
-//! resyncing at a hole. It syncs
+//! The background task delivers entries `held+1, held+2, ...` in order,
+//! where `held` is the highest version it delivered, skipping what it
+//! already delivered. A `Notify` above `held` often carries the entries
+//! themselves (docs/protocol.md, "The push stream"): when they follow
+//! `held` without a hole, the task delivers them as they are; otherwise
+//! the Notify is only a hint. The task syncs from `held`
 //!
 //! - at start,
-//! - on a `Notify` above `held`,
+//! - on a `Notify` above `held` whose entries do not reach it,
 //! - every `sync_interval` (5 s by default) in case a notify was lost,
 //! - after every reconnect (the client's connection generation changed).
 //!
@@ -52,6 +53,7 @@ impl Client {
 enum PushEvent {
     Notify {
         latest_version: u64,
+        entries: Vec<InboxEntry>,
     },
     Kick(Kick),
     /// The push stream or its connection ended without a kick.
@@ -117,9 +119,14 @@ async fn run(client: Client, since: u64, deliver: mpsc::Sender<InboxEntry>) {
                     continue;
                 }
                 match event {
-                    PushEvent::Notify { latest_version } => {
+                    PushEvent::Notify { latest_version, entries } => {
                         if latest_version > held {
-                            need_sync = true;
+                            // A hole means the entries do not reach `held`:
+                            // the Notify is then only a hint.
+                            if deliver_following(&mut held, entries, &deliver).await.is_err() {
+                                break;
+                            }
+                            need_sync |= latest_version > held;
                         }
                     }
                     PushEvent::Kick(kick) => {
@@ -188,6 +195,31 @@ fn session_is_over(error: &ClientError) -> bool {
         )
 }
 
+/// Delivers, in order, the `entries` (in increasing versions) that follow
+/// `held` without a hole, advancing `held` past each; skips those already
+/// delivered. Returns whether it stopped at a hole.
+async fn deliver_following(
+    held: &mut u64,
+    entries: Vec<InboxEntry>,
+    deliver: &mpsc::Sender<InboxEntry>,
+) -> Result<bool, RoundEnd> {
+    for entry in entries {
+        if entry.version <= *held {
+            continue;
+        }
+        if Some(entry.version) != held.checked_add(1) {
+            return Ok(true);
+        }
+        let version = entry.version;
+        deliver
+            .send(entry)
+            .await
+            .map_err(|_| RoundEnd::ReceiverGone)?;
+        *held = version;
+    }
+    Ok(false)
+}
+
 /// Syncs from `held` until nothing is left, delivering each entry once, in
 /// order, and advancing `held` past each delivered entry.
 async fn deliver_new(
@@ -207,28 +239,8 @@ async fn deliver_new(
             return Ok(());
         }
         let before = *held;
-        let mut hole = false;
-        for entry in page.entries {
-            if entry.version <= *held {
-                continue;
-            }
-            if entry.version != *held + 1 {
-                tracing::warn!(
-                    held = *held,
-                    got = entry.version,
-                    "incoming: hole in a page"
-                );
-                hole = true;
-                break;
-            }
-            let version = entry.version;
-            deliver
-                .send(entry)
-                .await
-                .map_err(|_| RoundEnd::ReceiverGone)?;
-            *held = version;
-        }
-        if hole {
+        if deliver_following(held, page.entries, deliver).await? {
+            tracing::warn!(held = *held, "incoming: hole in a page");
             holes += 1;
             if holes >= HOLE_RETRIES {
                 return Err(RoundEnd::Failed(ClientError::Protocol(format!(
@@ -264,6 +276,7 @@ async fn read_pushes(
                 })) => {
                     let event = PushEvent::Notify {
                         latest_version: notify.latest_version,
+                        entries: notify.entries,
                     };
                     if events.send((generation, event)).await.is_err() {
                         return;

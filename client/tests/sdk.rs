@@ -5,9 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use fishchat_client::proto::{kick, request, ErrorCode, LookupRequest, Request};
+use fishchat_client::proto::{kick, request, ErrorCode, InboxEntry, LookupRequest, Request};
 use fishchat_client::{Client, ClientError, Connection, TEXT_PLAIN};
 use support::{logged_in, unavailable, FakeCluster, Fault, OTHER_CA_PEM};
+use tokio::sync::mpsc;
 
 #[tokio::test]
 async fn a_sent_message_reaches_the_recipients_inbox_and_a_repeat_is_a_duplicate() {
@@ -358,6 +359,90 @@ async fn incoming_delivers_every_entry_once_in_order_across_a_failover() {
     let extra = tokio::time::timeout(Duration::from_millis(800), incoming.recv()).await;
     assert!(extra.is_err(), "no entry is delivered twice: {extra:?}");
     assert_eq!(bob.connected_to(), second.address());
+}
+
+/// The Syncs `cluster` has received so far.
+fn syncs_seen(cluster: &FakeCluster) -> usize {
+    cluster
+        .requests(|body| matches!(body, request::Body::Sync(_)).then_some(()))
+        .len()
+}
+
+/// Waits until `cluster` has received `count` Syncs.
+async fn wait_for_syncs(cluster: &FakeCluster, count: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while syncs_seen(cluster) < count {
+        assert!(tokio::time::Instant::now() < deadline, "no sync came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Receives `count` entries from `incoming` and returns their versions and
+/// bodies.
+async fn receive(incoming: &mut mpsc::Receiver<InboxEntry>, count: usize) -> Vec<(u64, Vec<u8>)> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let entry = tokio::time::timeout(Duration::from_secs(5), incoming.recv())
+            .await
+            .expect("an entry in time")
+            .expect("the task runs");
+        got.push((entry.version, entry.body));
+    }
+    got
+}
+
+/// A fake cluster whose notifies carry entries, Alice logged in, and Bob
+/// watching his inbox (its starting sync done; no timer sync for minutes).
+async fn pushing_cluster_watched_by_bob() -> (FakeCluster, Client, u64, mpsc::Receiver<InboxEntry>)
+{
+    let cluster = FakeCluster::new();
+    cluster.push_entries();
+    let node = cluster.start_node().await;
+    let mut config = cluster.config(&[&node]);
+    config.sync_interval = Duration::from_secs(600);
+    let bob = logged_in(config, "bob").await;
+    let alice = logged_in(cluster.config(&[&node]), "alice").await;
+    let bob_id = bob.user_id().expect("id");
+    let incoming = bob.incoming(0);
+    wait_for_syncs(&cluster, 1).await;
+    (cluster, alice, bob_id, incoming)
+}
+
+#[tokio::test]
+async fn incoming_takes_entries_a_notify_carries_without_syncing() {
+    let (cluster, alice, bob_id, mut incoming) = pushing_cluster_watched_by_bob().await;
+    for i in 1..=5u8 {
+        alice
+            .send(bob_id, &format!("m{i}"), vec![i], TEXT_PLAIN)
+            .await
+            .expect("send");
+    }
+    let got = receive(&mut incoming, 5).await;
+    assert_eq!(
+        got,
+        (1..=5u8)
+            .map(|i| (u64::from(i), vec![i]))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(syncs_seen(&cluster), 1, "only the starting sync was needed");
+}
+
+#[tokio::test]
+async fn a_notify_whose_entries_do_not_follow_what_is_held_is_only_a_hint() {
+    let (cluster, alice, bob_id, mut incoming) = pushing_cluster_watched_by_bob().await;
+    cluster.lose_notifies(1);
+    for i in 1..=2u8 {
+        alice
+            .send(bob_id, &format!("m{i}"), vec![i], TEXT_PLAIN)
+            .await
+            .expect("send");
+    }
+    // Version 1's notify was lost; version 2's carries only version 2.
+    let got = receive(&mut incoming, 2).await;
+    assert_eq!(got, vec![(1, vec![1]), (2, vec![2])]);
+    assert_eq!(syncs_seen(&cluster), 2, "the hole was filled by a sync");
+    let extra = tokio::time::timeout(Duration::from_millis(300), incoming.recv()).await;
+    assert!(extra.is_err(), "no entry is delivered twice: {extra:?}");
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 //! Each test starts its own cluster; they run one at a time (two clusters
 //! at once overload a two-core machine into elections).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,8 +13,8 @@ use anyhow::{anyhow, bail, ensure, Context};
 use fishchat_client::{Client, Connection, PushStream};
 use fishchat_cluster_tests::{cli_binary, Cluster};
 use fishchat_proto::client::{
-    kick::Reason, push, request, response, ErrorCode, LoginRequest, PingRequest, Request,
-    SendRequest, SyncRequest,
+    kick::Reason, push, request, response, ErrorCode, InboxEntry, LoginRequest, PingRequest,
+    Request, SendRequest, SyncRequest,
 };
 use serde_json::Value;
 
@@ -715,6 +715,91 @@ fn a_device_login_replaces_its_earlier_session_on_any_node_resume_joins_it_and_l
         }
         Ok(())
     })
+}
+
+#[test]
+fn notifies_carry_new_entries_exactly_as_a_sync_shows_them() -> anyhow::Result<()> {
+    let _one = one_cluster_at_a_time();
+    let cluster = started(&[])?;
+    let alice_id = register(&cluster, 1, "alice")?;
+    let (bob_name, bob_id) =
+        register_in_another_shard(&cluster, alice_id, &["bob", "bobby", "robert"])?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        // Bob watches on node 1, a second device of Alice on node 2; Alice
+        // sends from node 3, so every Notify crosses nodes.
+        let bob = Connection::connect(&config(&cluster, &[1])?, &cluster.client_addr(1)).await?;
+        let (bob_token, _) = login_on(&bob, &bob_name, PASSWORD).await?;
+        let mut bob_pushes = bob.accept_push_stream().await?;
+        let phone = Connection::connect(&config(&cluster, &[2])?, &cluster.client_addr(2)).await?;
+        let (phone_token, _) = login_on(&phone, "alice", PASSWORD).await?;
+        let mut phone_pushes = phone.accept_push_stream().await?;
+        let alice = Client::connect(config(&cluster, &[3])?).await?;
+        alice.login("alice", PASSWORD, None).await?;
+
+        let (mut to_bob, mut to_phone) = (BTreeMap::new(), BTreeMap::new());
+        // Version 1 of each inbox: the message, and Alice's copy of it
+        // (which crosses shards through the outbox).
+        alice
+            .send(bob_id, "direct-1", b"hello bob".to_vec(), "text/plain")
+            .await?;
+        pushed_until(&mut bob_pushes, 1, &mut to_bob).await?;
+        pushed_until(&mut phone_pushes, 1, &mut to_phone).await?;
+        // Versions 2 and 3: the group's creation, then a message to it.
+        let group = alice.create_group("pushed", &[bob_id]).await?.group_id;
+        alice
+            .send_group(group, "group-1", b"hello group".to_vec(), "text/plain")
+            .await?;
+        pushed_until(&mut bob_pushes, 3, &mut to_bob).await?;
+        pushed_until(&mut phone_pushes, 3, &mut to_phone).await?;
+
+        for (who, conn, token, pushed) in [
+            ("bob", &bob, &bob_token, &to_bob),
+            ("alice", &phone, &phone_token, &to_phone),
+        ] {
+            let synced = match ask(conn, token, sync_from_start()).await? {
+                response::Body::Sync(page) => page.entries,
+                other => bail!("sync of {who}: {other:?}"),
+            };
+            ensure!(synced.len() == 3, "{who} has 3 entries: {synced:?}");
+            for version in [1, 3] {
+                ensure!(
+                    pushed.contains_key(&version),
+                    "{who}'s message at version {version} came inside a Notify: {pushed:?}"
+                );
+            }
+            for (version, entry) in pushed {
+                let index = usize::try_from(*version)? - 1;
+                ensure!(
+                    synced.get(index) == Some(entry),
+                    "{who}'s pushed entry {entry:?} is the synced one: {synced:?}"
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Reads `stream` until a Notify announces `version` or later, keeping the
+/// entries the Notifies carried in `pushed`, by version.
+async fn pushed_until(
+    stream: &mut PushStream,
+    version: u64,
+    pushed: &mut BTreeMap<u64, InboxEntry>,
+) -> anyhow::Result<()> {
+    loop {
+        match next_push(stream).await? {
+            push::Body::Notify(notify) => {
+                for entry in notify.entries {
+                    pushed.insert(entry.version, entry);
+                }
+                if notify.latest_version >= version {
+                    return Ok(());
+                }
+            }
+            other => bail!("expected a Notify, got {other:?}"),
+        }
+    }
 }
 
 /// A Resume (the session is the request's token).

@@ -640,8 +640,8 @@ impl Chat {
             sender,
             client_msg_id: send.client_msg_id,
             recipient,
-            body: send.body,
-            content_type: send.content_type,
+            body: send.body.clone(),
+            content_type: send.content_type.clone(),
             now_ms: now_ms(),
         };
         let shard = self.map.shard_of_user(recipient);
@@ -654,7 +654,18 @@ impl Chat {
                 copy,
             } => {
                 if !duplicate {
-                    self.events.inbox_advanced(recipient, version);
+                    // The recipient's sessions get the entry itself: an
+                    // online client needs no Sync to show it.
+                    let entry = fishchat_shard::InboxEntry::direct(
+                        message_id,
+                        sender,
+                        recipient,
+                        send.body,
+                        send.content_type,
+                        timestamp_ms,
+                    );
+                    let entry = placed_entry(entry, recipient, version);
+                    self.events.inbox_advanced(recipient, version, Some(entry));
                 }
                 if let Some(copy) = copy {
                     // Read-your-writes: the sender's copy is in place before
@@ -811,6 +822,16 @@ pub(crate) fn unexpected(reply: Reply) -> Refusal {
         ErrorCode::Internal,
         format!("the shard answered with an unexpected reply: {reply:?}"),
     )
+}
+
+/// `entry` as it stands in `owner`'s inbox at `version`, in the protocol's
+/// form, shared by the sessions it is pushed to.
+pub fn placed_entry(
+    entry: fishchat_shard::InboxEntry,
+    owner: UserId,
+    version: u64,
+) -> crate::news::SharedEntry {
+    Arc::new(to_wire(entry.placed(owner, version)))
 }
 
 /// A stored inbox entry in the protocol's form.

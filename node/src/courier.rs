@@ -28,10 +28,11 @@ use std::time::Duration;
 use fishchat_raft::GroupHost;
 use fishchat_shard::{
     decode_delivery, outbox_channel_range, Command, CommandError, Delivery, DeliveryBatch,
-    Outgoing, Reply, ShardId,
+    InboxEntry, Outgoing, Reply, ShardId, UserId, Version,
 };
 use tokio::sync::watch;
 
+use crate::chat::placed_entry;
 use crate::events::Events;
 use crate::node::group_of;
 
@@ -300,7 +301,8 @@ enum Applied {
     Expects(u64),
 }
 
-/// Proposes `items` to the target and notifies the inboxes they reached.
+/// Proposes `items` to the target and notifies the inboxes they reached,
+/// with the entries.
 async fn apply(
     host: &GroupHost,
     events: &Events,
@@ -309,21 +311,19 @@ async fn apply(
     items: Vec<Delivery>,
 ) -> Result<Applied, String> {
     let count = items.len();
-    let command = Command::Deliver(DeliveryBatch { source, items });
+    let command = Command::Deliver(DeliveryBatch {
+        source,
+        items: items.clone(),
+    });
     let reply = host
         .propose(group_of(target), command.encode())
         .await
         .map_err(|e| e.to_string())?;
     match Reply::decode(&reply) {
         Ok(Reply::Delivered { through, appended }) => {
-            // One notify per inbox, for its highest new version.
-            let mut latest: BTreeMap<u64, u64> = BTreeMap::new();
-            for (owner, version) in appended {
-                let v = latest.entry(owner).or_default();
-                *v = (*v).max(version);
-            }
-            for (owner, version) in latest {
-                events.inbox_advanced(owner, version);
+            for (owner, version, entry) in placed_entries(&items, &appended) {
+                let entry = entry.map(|e| placed_entry(e.clone(), owner, version));
+                events.inbox_advanced(owner, version, entry);
             }
             tracing::debug!(source, target, count, through, "outbox items delivered");
             Ok(Applied::Through(through))
@@ -335,5 +335,79 @@ async fn apply(
             tracing::error!(source, target, reply = ?other, "outbox delivery refused");
             Err(format!("delivery refused: {other:?}"))
         }
+    }
+}
+
+/// Lines up what a target appended, `(owner, version)` in order, with the
+/// entries of the batch it applied: the target skips the batch's leading
+/// repeats and appends every owner of each later item in order, so the
+/// appends match the batch's last owners. Where they do not match (never,
+/// unless the two disagree on the rule), the entry is left out and the
+/// client syncs.
+fn placed_entries<'a>(
+    items: &'a [Delivery],
+    appended: &'a [(UserId, Version)],
+) -> impl Iterator<Item = (UserId, Version, Option<&'a InboxEntry>)> + 'a {
+    let owners: Vec<(UserId, &InboxEntry)> = items
+        .iter()
+        .flat_map(|d| d.owners.iter().map(move |&owner| (owner, &d.entry)))
+        .collect();
+    let lined_up = owners.len() >= appended.len()
+        && owners[owners.len() - appended.len()..]
+            .iter()
+            .zip(appended)
+            .all(|((owner, _), (appended_owner, _))| owner == appended_owner);
+    let skip = owners.len().saturating_sub(appended.len());
+    appended
+        .iter()
+        .enumerate()
+        .map(move |(i, &(owner, version))| {
+            let entry = lined_up.then(|| owners[skip + i].1);
+            (owner, version, entry)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(item: u64, owners: &[UserId], body: &str) -> Delivery {
+        Delivery {
+            item,
+            owners: owners.to_vec(),
+            entry: InboxEntry::direct(item, 1, 0, body.as_bytes().to_vec(), String::new(), 0),
+        }
+    }
+
+    #[test]
+    fn appends_line_up_with_the_items_after_the_repeats() {
+        let items = [
+            delivery(4, &[7, 8], "repeat"),
+            delivery(5, &[7], "five"),
+            delivery(6, &[8, 9], "six"),
+        ];
+        // Item 4 was applied before: the target appended for 5 and 6 only.
+        let appended = [(7, 11), (8, 20), (9, 3)];
+        let lined: Vec<_> = placed_entries(&items, &appended)
+            .map(|(owner, version, entry)| (owner, version, entry.map(|e| e.body.clone())))
+            .collect();
+        assert_eq!(
+            lined,
+            [
+                (7, 11, Some(b"five".to_vec())),
+                (8, 20, Some(b"six".to_vec())),
+                (9, 3, Some(b"six".to_vec())),
+            ]
+        );
+    }
+
+    #[test]
+    fn appends_that_do_not_line_up_go_without_entries() {
+        let items = [delivery(5, &[7], "five")];
+        let appended = [(8, 2)];
+        let lined: Vec<_> = placed_entries(&items, &appended).collect();
+        assert_eq!(lined, [(8, 2, None)]);
+        let too_many = [(7, 1), (7, 2)];
+        assert!(placed_entries(&items, &too_many).all(|(_, _, e)| e.is_none()));
     }
 }

@@ -1,5 +1,6 @@
-//! Session events across the cluster: "user U's inbox reached version V" and
-//! "session S ended", told to this node's sessions and to every peer's.
+//! Session events across the cluster: "user U's inbox reached version V"
+//! (with the entry at V when the teller has it, so a Notify can carry it)
+//! and "session S ended", told to this node's sessions and to every peer's.
 //!
 //! The node that learns of a commit (it proposed the send, or delivered the
 //! sender's copy) tells everyone; a node holding none of the user's sessions
@@ -20,6 +21,7 @@ use fishchat_shard::UserId;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::news::{InboxNews, SharedEntry};
 use crate::sessions::Sessions;
 
 /// Events waiting for one peer; beyond this, new ones are dropped.
@@ -30,9 +32,12 @@ const BATCH: usize = 1024;
 const ENDED_ATTEMPTS: u32 = 5;
 /// How long one RPC may take before its batch is dropped.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most entry bytes one RPC carries; later news in the batch goes without
+/// its entries (the receiver's clients sync for them).
+const BATCH_ENTRY_BYTES: usize = 1 << 20;
 
 enum Event {
-    Advanced(UserId, u64),
+    Advanced(UserId, u64, Option<SharedEntry>),
     Ended(UserId, u64, Reason),
 }
 
@@ -76,12 +81,15 @@ impl Events {
         Self { sessions, peers }
     }
 
-    /// `user`'s inbox reached `version` (committed).
-    pub fn inbox_advanced(&self, user: UserId, version: u64) {
-        self.sessions.inbox_advanced(user, version);
+    /// `user`'s inbox reached `version` (committed); `entry` is the entry
+    /// at `version`, when the caller has it.
+    pub fn inbox_advanced(&self, user: UserId, version: u64, entry: Option<SharedEntry>) {
         for peer in &self.peers {
-            let _ = peer.advanced.try_send(Event::Advanced(user, version));
+            let _ = peer
+                .advanced
+                .try_send(Event::Advanced(user, version, entry.clone()));
         }
+        self.sessions.inbox_advanced(user, version, entry);
     }
 
     /// This node's sessions.
@@ -142,12 +150,16 @@ async fn forward(
             event = advanced_queue.recv() => event,
         };
         let Some(first) = first else { return };
-        let mut advanced: BTreeMap<UserId, u64> = BTreeMap::new();
+        let mut advanced: BTreeMap<UserId, InboxNews> = BTreeMap::new();
+        let mut entry_bytes = 0usize;
         let mut ended = Vec::new();
         let mut add = |event: Event| match event {
-            Event::Advanced(user, version) => {
-                let latest = advanced.entry(user).or_default();
-                *latest = (*latest).max(version);
+            Event::Advanced(user, version, entry) => {
+                let entry = entry.filter(|e| {
+                    entry_bytes += prost::Message::encoded_len(&**e);
+                    entry_bytes <= BATCH_ENTRY_BYTES
+                });
+                advanced.entry(user).or_default().add(version, entry);
             }
             Event::Ended(user, session, reason) => ended.push(SessionEnded {
                 user_id: user,
@@ -168,9 +180,10 @@ async fn forward(
         let mut batch = SessionEvents {
             advanced: advanced
                 .into_iter()
-                .map(|(user_id, latest_version)| InboxAdvanced {
+                .map(|(user_id, news)| InboxAdvanced {
                     user_id,
-                    latest_version,
+                    latest_version: news.latest(),
+                    entries: news.entries().map(|e| (**e).clone()).collect(),
                 })
                 .collect(),
             ended,
@@ -208,8 +221,13 @@ impl SessionPeer for Receiver {
     ) -> Result<tonic::Response<SessionEventsAck>, tonic::Status> {
         let events = request.into_inner();
         for advanced in events.advanced {
+            let user = advanced.user_id;
+            for entry in advanced.entries {
+                self.sessions
+                    .inbox_advanced(user, entry.version, Some(Arc::new(entry)));
+            }
             self.sessions
-                .inbox_advanced(advanced.user_id, advanced.latest_version);
+                .inbox_advanced(user, advanced.latest_version, None);
         }
         for ended in events.ended {
             // An unknown reason from a newer peer still ends the session.

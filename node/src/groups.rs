@@ -10,12 +10,12 @@
 use fishchat_proto::client::{self as wire, request, response, ErrorCode};
 use fishchat_shard::{
     decode_group, group_key, group_seq_key, membership_group, memberships_range, user_key,
-    valid_group_name, Command, GroupChange, GroupEvent, GroupEventKind, GroupId, NewMember,
-    Outgoing, Reply, Role, ShardId, UserId, Version, MAX_GROUP_NAME,
+    valid_group_name, Command, GroupChange, GroupEvent, GroupEventKind, GroupId, InboxEntry,
+    NewMember, Outgoing, Reply, Role, ShardId, UserId, Version, MAX_GROUP_NAME,
 };
 use futures::{StreamExt, TryStreamExt};
 
-use crate::chat::{now_ms, stopping, unexpected, Chat, Refusal};
+use crate::chat::{now_ms, placed_entry, stopping, unexpected, Chat, Refusal};
 use crate::node::group_of;
 
 /// Longest create request key, in bytes (fixed rule).
@@ -128,7 +128,7 @@ impl Chat {
                 appended,
             } => {
                 tracing::info!(group, duplicate, "group created");
-                self.spread(shard, fanout, &appended, creator).await?;
+                self.spread(shard, fanout, &appended, None, creator).await?;
                 Ok(response::Body::CreateGroup(wire::CreateGroupResponse {
                     group_id: group,
                     duplicate,
@@ -162,7 +162,7 @@ impl Chat {
                 fanout,
                 appended,
             } => {
-                self.spread(shard, fanout, &appended, actor).await?;
+                self.spread(shard, fanout, &appended, None, actor).await?;
                 Ok(wire::GroupChangeResponse { changed, group_seq })
             }
             other => Err(unexpected(other)),
@@ -182,8 +182,8 @@ impl Chat {
             sender,
             group: send.group_id,
             client_msg_id: send.client_msg_id,
-            body: send.body,
-            content_type: send.content_type,
+            body: send.body.clone(),
+            content_type: send.content_type.clone(),
             now_ms: now_ms(),
         };
         let shard = self.map.shard_of_group(send.group_id);
@@ -196,7 +196,17 @@ impl Chat {
                 fanout,
                 appended,
             } => {
-                self.spread(shard, fanout, &appended, sender).await?;
+                let entry = InboxEntry::group_message(
+                    message_id,
+                    sender,
+                    send.group_id,
+                    group_seq,
+                    send.body,
+                    send.content_type,
+                    timestamp_ms,
+                );
+                self.spread(shard, fanout, &appended, Some(entry), sender)
+                    .await?;
                 Ok(response::Body::GroupSend(wire::GroupSendResponse {
                     message_id,
                     group_seq,
@@ -307,17 +317,21 @@ impl Chat {
     }
 
     /// After a group commit in `shard`: notifies the inboxes it reached
-    /// there, starts carrying it to the other shards, and waits until it is
-    /// in `caller`'s own inbox.
+    /// there (with `entry` placed in each, when given), starts carrying it
+    /// to the other shards, and waits until it is in `caller`'s own inbox.
     async fn spread(
         &self,
         shard: ShardId,
         fanout: Vec<Outgoing>,
         appended: &[(UserId, Version)],
+        entry: Option<InboxEntry>,
         caller: UserId,
     ) -> Result<(), Refusal> {
         for &(owner, version) in appended {
-            self.events.inbox_advanced(owner, version);
+            let placed = entry
+                .as_ref()
+                .map(|e| placed_entry(e.clone(), owner, version));
+            self.events.inbox_advanced(owner, version, placed);
         }
         let home = self.map.shard_of_user(caller);
         let mut own = None;

@@ -10,7 +10,7 @@
 //! forming or reopening the cluster on start ([`node`], with the meta group
 //! in [`meta`]), the client endpoint
 //! ([`quic`]) and the operations it serves ([`chat`]), the session table and
-//! its cluster-wide events ([`sessions`], [`events`]), the outbox pump
+//! its cluster-wide events ([`sessions`], [`events`], [`news`]), the outbox pump
 //! ([`outbox`]) and the admin API ([`admin`]). It promises that a node
 //! started on an empty data directory with a peer list forms the shards with
 //! those peers, that a node restarted on its data directory rejoins them, and
@@ -23,6 +23,7 @@ pub mod courier;
 pub mod events;
 pub mod groups;
 pub mod meta;
+pub mod news;
 pub mod node;
 pub mod outbox;
 pub mod quic;

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::chat::{now_ms, Binding, Chat, Refusal};
 use crate::sessions::{kick_message, PushEvent, Pushes, Sessions};
+use prost::Message as _;
 
 /// A connection with no traffic for this long is closed (protocol default;
 /// clients keep alive at a third of it).
@@ -87,7 +88,10 @@ async fn accept(endpoint: quinn::Endpoint, chat: Arc<Chat>, sessions: Arc<Sessio
         let sessions = sessions.clone();
         tokio::spawn(async move {
             match incoming.await {
-                Ok(connection) => serve(Conn::new(id, connection, sessions), chat).await,
+                Ok(connection) => {
+                    let max_push_bytes = chat.limits().max_frame_bytes as usize;
+                    serve(Conn::new(id, connection, sessions, max_push_bytes), chat).await
+                }
                 Err(e) => tracing::debug!(error = %e, "client handshake failed"),
             }
         });
@@ -105,6 +109,9 @@ struct Conn {
     /// Logins on one connection run one at a time, so two logins as
     /// different users cannot both succeed and race to bind.
     logins: tokio::sync::Mutex<()>,
+    /// Largest push frame: a Notify whose entries would make it larger goes
+    /// without them (the client syncs).
+    max_push_bytes: usize,
 }
 
 #[derive(Default)]
@@ -117,7 +124,12 @@ struct ConnState {
 }
 
 impl Conn {
-    fn new(id: u64, connection: quinn::Connection, sessions: Arc<Sessions>) -> Arc<Self> {
+    fn new(
+        id: u64,
+        connection: quinn::Connection,
+        sessions: Arc<Sessions>,
+        max_push_bytes: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             id,
             connection,
@@ -125,6 +137,7 @@ impl Conn {
             state: Mutex::new(ConnState::default()),
             expires_ms: AtomicU64::new(u64::MAX),
             logins: tokio::sync::Mutex::new(()),
+            max_push_bytes,
         })
     }
 
@@ -267,10 +280,14 @@ async fn write_pushes(conn: Arc<Conn>, pushes: Arc<Pushes>, latest: u64) {
     let Ok(mut stream) = conn.connection.open_uni().await else {
         return;
     };
-    let notify = |latest_version| Push {
-        body: Some(push::Body::Notify(Notify { latest_version })),
+    let notify = |notify| Push {
+        body: Some(push::Body::Notify(notify)),
     };
-    if frame::write(&mut stream, &notify(latest)).await.is_err() {
+    let first = Notify {
+        latest_version: latest,
+        entries: Vec::new(),
+    };
+    if frame::write(&mut stream, &notify(first)).await.is_err() {
         return;
     }
     loop {
@@ -290,10 +307,16 @@ async fn write_pushes(conn: Arc<Conn>, pushes: Arc<Pushes>, latest: u64) {
             }
         };
         match event {
-            PushEvent::Notify(latest) => {
+            PushEvent::Notify(news) => {
+                let mut frame_out = notify(news.to_notify());
+                if frame_out.encoded_len() > conn.max_push_bytes {
+                    frame_out = notify(Notify {
+                        latest_version: news.latest(),
+                        entries: Vec::new(),
+                    });
+                }
                 // A client that does not read its pushes is cut off, so a
                 // Kick behind the Notify is never stuck.
-                let frame_out = notify(latest);
                 let write = tokio::time::timeout(PUSH_WRITE, frame::write(&mut stream, &frame_out));
                 if !matches!(write.await, Ok(Ok(()))) {
                     conn.connection

@@ -1,10 +1,11 @@
 //! The session table: which of this node's connections are bound to which
 //! user's session, and the pushes waiting for each.
 //!
-//! Pushes are hints (`Notify`) or the end of a session (`Kick`). Notifies
-//! coalesce: a connection holds at most the newest inbox version not yet
-//! written, so a slow reader costs no memory and misses only versions that
-//! a newer Notify supersedes. A Kick is never dropped.
+//! Pushes are news of the inbox (`Notify`) or the end of a session
+//! (`Kick`). Notifies coalesce: a connection holds at most one
+//! [`InboxNews`] not yet written (the newest version and a bounded run of
+//! the newest entries), so a slow reader costs bounded memory and misses
+//! only what a Sync gives it. A Kick is never dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,20 +13,21 @@ use std::sync::{Arc, Mutex};
 use fishchat_proto::client::kick::Reason;
 use fishchat_shard::UserId;
 
+use crate::news::{InboxNews, SharedEntry};
 use crate::revocations::Confirmations;
 
 /// What a connection's push writer is told to send.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum PushEvent {
-    /// The user's inbox reached this version.
-    Notify(u64),
+    /// The user's inbox reached a version (with entries, when at hand).
+    Notify(InboxNews),
     /// The session is over; write a Kick and close the connection.
     Kick(Reason),
 }
 
-/// One connection's pushes waiting for its writer: the newest inbox version
-/// not yet written and the reason its session ended, if it did. A few dozen
-/// bytes, where a queue per connection cost kilobytes.
+/// One connection's pushes waiting for its writer: the inbox news not yet
+/// written and the reason its session ended, if it did. A few dozen bytes
+/// when idle, where a queue per connection cost kilobytes.
 #[derive(Default)]
 pub struct Pushes {
     pending: Mutex<Pending>,
@@ -34,17 +36,15 @@ pub struct Pushes {
 
 #[derive(Default)]
 struct Pending {
-    notify: Option<u64>,
+    news: InboxNews,
     kick: Option<Reason>,
 }
 
 impl Pushes {
-    /// The inbox reached `version`: replaces an older unwritten Notify.
-    pub fn notify(&self, version: u64) {
-        {
-            let mut pending = self.lock();
-            pending.notify = Some(pending.notify.map_or(version, |v| v.max(version)));
-        }
+    /// The inbox reached `version` (`entry` is its entry there, when at
+    /// hand): joins the unwritten news.
+    pub fn notify(&self, version: u64, entry: Option<SharedEntry>) {
+        self.lock().news.add(version, entry);
         self.ready.notify_one();
     }
 
@@ -60,8 +60,8 @@ impl Pushes {
         loop {
             {
                 let mut pending = self.lock();
-                if let Some(version) = pending.notify.take() {
-                    return PushEvent::Notify(version);
+                if !pending.news.is_empty() {
+                    return PushEvent::Notify(std::mem::take(&mut pending.news));
                 }
                 if let Some(reason) = pending.kick.take() {
                     return PushEvent::Kick(reason);
@@ -128,11 +128,12 @@ impl Sessions {
         }
     }
 
-    /// Tells every connection of `user` that the inbox reached `version`.
-    pub fn inbox_advanced(&self, user: UserId, version: u64) {
+    /// Tells every connection of `user` that the inbox reached `version`,
+    /// with its `entry` there when the caller has it.
+    pub fn inbox_advanced(&self, user: UserId, version: u64, entry: Option<SharedEntry>) {
         let by_user = self.lock();
         for binding in by_user.get(&user).into_iter().flatten() {
-            binding.pushes.notify(version);
+            binding.pushes.notify(version, entry.clone());
         }
     }
 
@@ -183,6 +184,13 @@ impl Sessions {
 mod tests {
     use super::*;
 
+    fn entry(version: u64) -> SharedEntry {
+        Arc::new(fishchat_proto::client::InboxEntry {
+            version,
+            ..Default::default()
+        })
+    }
+
     #[tokio::test]
     async fn notifies_reach_every_connection_of_the_user_and_kicks_only_the_session() {
         let sessions = Sessions::default();
@@ -194,10 +202,14 @@ mod tests {
         sessions.bind(7, 1, 100, p1.clone());
         sessions.bind(7, 2, 200, p2.clone());
         sessions.bind(8, 3, 300, p3.clone());
-        sessions.inbox_advanced(7, 5);
-        assert_eq!(p1.next().await, PushEvent::Notify(5));
-        assert_eq!(p2.next().await, PushEvent::Notify(5));
-        assert!(p3.lock().notify.is_none(), "another user hears nothing");
+        sessions.inbox_advanced(7, 5, Some(entry(5)));
+        let news = |event| match event {
+            PushEvent::Notify(news) => (news.latest(), news.entries().len()),
+            PushEvent::Kick(_) => (0, 0),
+        };
+        assert_eq!(news(p1.next().await), (5, 1));
+        assert_eq!(news(p2.next().await), (5, 1));
+        assert!(p3.lock().news.is_empty(), "another user hears nothing");
 
         sessions.session_ended(7, 100, Reason::TokenRevoked);
         assert_eq!(p1.next().await, PushEvent::Kick(Reason::TokenRevoked));
@@ -212,12 +224,16 @@ mod tests {
     #[tokio::test]
     async fn notifies_coalesce_to_the_newest_and_the_kick_comes_last() {
         let pushes = Pushes::default();
-        pushes.notify(3);
-        pushes.notify(9);
-        pushes.notify(4); // late and older: never moves the version back
+        pushes.notify(3, None);
+        pushes.notify(8, Some(entry(8)));
+        pushes.notify(9, Some(entry(9)));
+        pushes.notify(4, None); // late and older: never moves the version back
         pushes.kick(Reason::TokenExpired);
         pushes.kick(Reason::ShuttingDown); // the first reason stands
-        assert_eq!(pushes.next().await, PushEvent::Notify(9));
+        let mut expected = InboxNews::default();
+        expected.add(8, Some(entry(8)));
+        expected.add(9, Some(entry(9)));
+        assert_eq!(pushes.next().await, PushEvent::Notify(expected));
         assert_eq!(pushes.next().await, PushEvent::Kick(Reason::TokenExpired));
         let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), pushes.next());
         assert!(waiting.await.is_err(), "nothing more is pending");
@@ -231,8 +247,11 @@ mod tests {
             async move { pushes.next().await }
         });
         tokio::task::yield_now().await;
-        pushes.notify(1);
+        pushes.notify(1, None);
         let event = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
-        assert!(matches!(event, Ok(Ok(PushEvent::Notify(1)))), "{event:?}");
+        assert!(
+            matches!(&event, Ok(Ok(PushEvent::Notify(news))) if news.latest() == 1),
+            "{event:?}"
+        );
     }
 }

@@ -246,6 +246,60 @@ pub struct InboxEntry {
     pub event: Option<GroupEvent>,
 }
 
+impl InboxEntry {
+    /// A message from `from` to the user `to`, before it is placed in an
+    /// inbox.
+    pub fn direct(
+        message_id: MessageId,
+        from: UserId,
+        to: UserId,
+        body: Vec<u8>,
+        content_type: String,
+        timestamp_ms: u64,
+    ) -> Self {
+        Self {
+            version: 0,
+            message_id,
+            from,
+            to,
+            body,
+            content_type,
+            timestamp_ms,
+            group: 0,
+            group_seq: 0,
+            event: None,
+        }
+    }
+
+    /// A message from `from` to `group` at `group_seq`, before it is placed
+    /// in the members' inboxes.
+    pub fn group_message(
+        message_id: MessageId,
+        from: UserId,
+        group: GroupId,
+        group_seq: u64,
+        body: Vec<u8>,
+        content_type: String,
+        timestamp_ms: u64,
+    ) -> Self {
+        Self {
+            group,
+            group_seq,
+            ..Self::direct(message_id, from, 0, body, content_type, timestamp_ms)
+        }
+    }
+
+    /// The entry as it stands in `owner`'s inbox at `version`. One group
+    /// entry serves every member, so its addressee becomes the owner.
+    pub fn placed(mut self, owner: UserId, version: Version) -> Self {
+        self.version = version;
+        if self.group != 0 {
+            self.to = owner;
+        }
+        self
+    }
+}
+
 /// A change of a group's membership, as an inbox entry shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupEvent {

@@ -291,18 +291,15 @@ impl ChatMachine {
         }
         let group_seq = next_seq(state, id)?;
         let message_id = self.next_message_id(state)?;
-        let entry = InboxEntry {
-            version: 0,
+        let entry = InboxEntry::group_message(
             message_id,
-            from: sender,
-            to: 0,
+            sender,
+            id,
+            group_seq,
             body,
             content_type,
-            timestamp_ms: now_ms,
-            group: id,
-            group_seq,
-            event: None,
-        };
+            now_ms,
+        );
         let owners: Vec<UserId> = group.members.iter().map(|m| m.user).collect();
         let Spread { fanout, appended } = self.distribute(state, &owners, &entry)?;
         let receipt = SendReceipt {

@@ -121,18 +121,7 @@ impl ChatMachine {
             return Ok(Reply::Refused(CommandError::UnknownUser(recipient)));
         }
         let message_id = self.next_message_id(state)?;
-        let entry = InboxEntry {
-            version: 0,
-            message_id,
-            from: sender,
-            to: recipient,
-            body,
-            content_type,
-            timestamp_ms: now_ms,
-            group: 0,
-            group_seq: 0,
-            event: None,
-        };
+        let entry = InboxEntry::direct(message_id, sender, recipient, body, content_type, now_ms);
         let version = receive(state, recipient, entry.clone())?;
         let copy = if sender == recipient {
             None
@@ -410,15 +399,11 @@ impl StateMachine for ChatMachine {
 fn receive(
     state: &mut dyn StateTxn,
     owner: UserId,
-    mut entry: InboxEntry,
+    entry: InboxEntry,
 ) -> Result<Version, ApplyError> {
     let latest_key = keys::latest_version_key(owner);
     let version = read_u64(state, &latest_key)? + 1;
-    entry.version = version;
-    if entry.group != 0 {
-        // One entry serves every member: here it is the owner's.
-        entry.to = owner;
-    }
+    let entry = entry.placed(owner, version);
     if let Some(event) = &entry.event {
         let membership = keys::membership(owner, entry.group);
         match event.kind {

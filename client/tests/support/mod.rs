@@ -73,6 +73,10 @@ struct World {
     clock: u64,
     /// Nodes that answer nothing at all and close nothing (frozen or cut off).
     frozen: HashSet<SocketAddr>,
+    /// Notifies carry the new entry, as the real server's do.
+    push_entries: bool,
+    /// Appends whose notify is lost.
+    notifies_to_lose: usize,
 }
 
 /// The shared state of a fake cluster.
@@ -114,6 +118,16 @@ impl FakeCluster {
             .into_iter()
             .filter_map(|(_, r)| r.body.and_then(&pick))
             .collect()
+    }
+
+    /// Makes every later Notify carry the entry that caused it.
+    pub fn push_entries(&self) {
+        self.world().push_entries = true;
+    }
+
+    /// Loses the notifies of the next `count` appends to any inbox.
+    pub fn lose_notifies(&self, count: usize) {
+        self.world().notifies_to_lose = count;
     }
 
     /// Lowers the largest group size (owner included; default 1000).
@@ -404,9 +418,19 @@ impl World {
         let inbox = self.inboxes.entry(owner).or_default();
         let version = inbox.len() as u64 + 1;
         entry.version = version;
-        inbox.push(entry);
+        inbox.push(entry.clone());
+        if self.notifies_to_lose > 0 {
+            self.notifies_to_lose -= 1;
+            return version;
+        }
+        let mut push = notify(version);
+        if let Some(push::Body::Notify(notify)) = &mut push.body {
+            if self.push_entries {
+                notify.entries.push(entry);
+            }
+        }
         for tx in self.pushes.get(&owner).into_iter().flatten() {
-            let _ = tx.try_send(notify(version));
+            let _ = tx.try_send(push.clone());
         }
         version
     }
@@ -492,7 +516,10 @@ fn error(request_id: u64, code: ErrorCode, retryable: bool) -> Response {
 
 fn notify(latest_version: u64) -> Push {
     Push {
-        body: Some(push::Body::Notify(Notify { latest_version })),
+        body: Some(push::Body::Notify(Notify {
+            latest_version,
+            entries: Vec::new(),
+        })),
     }
 }
 
