@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
@@ -39,6 +39,9 @@ use crate::{Cluster, ClusterSpec};
 
 /// The password of every user of a run.
 const PASSWORD: &str = "chaos horse";
+/// Longest wait, after the run, for the watching clients to be given what
+/// their inboxes hold.
+const CATCH_UP: Duration = Duration::from_secs(60);
 
 /// What a run does.
 #[derive(Clone, Debug)]
@@ -275,15 +278,21 @@ pub fn run(config: &ChaosConfig) -> anyhow::Result<ChaosReport> {
     let history = History::new();
     let faults = Mutex::new(Vec::new());
     let (users, group) = runtime.block_on(set_up(&cluster, config))?;
-    let sending = Instant::now();
-    runtime.block_on(async {
-        let until = sending + config.duration;
+    let clients = runtime.block_on(async {
         let mut clients = Vec::new();
         for (i, (name, user)) in users.iter().enumerate() {
             let client = Client::connect(client_config(&cluster, i as u64)?).await?;
             client.login(name, PASSWORD, None).await?;
             clients.push((client, *user));
         }
+        anyhow::Ok(clients)
+    })?;
+    // Every client also watches its inbox, as an app does, through the
+    // faults: what it is given is checked against what is stored.
+    let delivered = runtime.block_on(async { watch(&clients) });
+    let sending = Instant::now();
+    runtime.block_on(async {
+        let until = sending + config.duration;
         let recipients: Vec<UserId> = users.iter().map(|(_, id)| *id).collect();
         let workers = clients.iter().enumerate().map(|(w, (client, user))| {
             work(
@@ -303,9 +312,6 @@ pub fn run(config: &ChaosConfig) -> anyhow::Result<ChaosReport> {
             nemesis(&mut cluster, config, sending, until, &faults),
             progress
         );
-        for (client, _) in &clients {
-            client.close();
-        }
         nemesis
     })?;
     let sending_secs = sending.elapsed().as_secs_f64();
@@ -315,7 +321,7 @@ pub fn run(config: &ChaosConfig) -> anyhow::Result<ChaosReport> {
     // From here on a failure is what a post-mortem needs most: the history
     // and the node logs are written before anything can fail.
     history.write_jsonl(&config.out_dir.join("history.jsonl"))?;
-    let observed = match observe(&cluster, &runtime, &users) {
+    let mut observed = match observe(&cluster, &runtime, &users) {
         Ok(observed) => observed,
         Err(e) => {
             save_logs(&cluster, &config.out_dir)?;
@@ -325,6 +331,10 @@ pub fn run(config: &ChaosConfig) -> anyhow::Result<ChaosReport> {
             )));
         }
     };
+    observed.delivered = runtime.block_on(caught_up(&delivered, &observed));
+    for (client, _) in &clients {
+        client.close();
+    }
     let members: BTreeSet<UserId> = users[..users.len() - 2].iter().map(|u| u.1).collect();
     let outsiders: BTreeSet<UserId> = users[users.len() - 2..].iter().map(|u| u.1).collect();
     let ops = history.ops();
@@ -398,6 +408,7 @@ fn observe(
     Ok(Observed {
         inboxes,
         replicas: cluster.replicas()?,
+        delivered: BTreeMap::new(),
     })
 }
 
@@ -698,6 +709,68 @@ fn settle(cluster: &Cluster) {
     }
 }
 
+/// What each client's `incoming` has given it so far, by user.
+type Delivered = Arc<Mutex<BTreeMap<UserId, Vec<InboxEntry>>>>;
+
+/// Starts `Client::incoming` from version 0 on every client and keeps what
+/// each gives, in order, until the client closes.
+fn watch(clients: &[(Client, UserId)]) -> Delivered {
+    let delivered: Delivered = Arc::default();
+    for (client, user) in clients {
+        // A watcher given nothing is checked too.
+        lock(&delivered).insert(*user, Vec::new());
+        let mut incoming = client.incoming(0);
+        let (delivered, user) = (delivered.clone(), *user);
+        tokio::spawn(async move {
+            while let Some(entry) = incoming.recv().await {
+                lock(&delivered)
+                    .entry(user)
+                    .or_default()
+                    .push(entry_of(entry));
+            }
+        });
+    }
+    delivered
+}
+
+/// What the watchers were given once each has as many entries as its inbox
+/// holds, or after [`CATCH_UP`] (they sync at least every few seconds).
+async fn caught_up(
+    delivered: &Delivered,
+    observed: &Observed,
+) -> BTreeMap<UserId, Vec<InboxEntry>> {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let given = lock(delivered).clone();
+        let behind = observed.inboxes.iter().any(|(user, reads)| {
+            let stored = reads.first().map_or(0, |r| r.entries.len());
+            given.get(user).map_or(0, Vec::len) < stored
+        });
+        if !behind || Instant::now() >= deadline {
+            return given;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An inbox entry as the checker reads it.
+fn entry_of(e: fishchat_client::proto::InboxEntry) -> InboxEntry {
+    InboxEntry {
+        version: e.version,
+        message_id: e.message_id,
+        sender_id: e.sender_id,
+        recipient_id: e.recipient_id,
+        body: String::from_utf8_lossy(&e.body).into_owned(),
+        group_id: e.group_id,
+        group_seq: e.group_seq,
+        is_event: e.group_event.is_some(),
+    }
+}
+
 /// Every user's inbox, read through every node.
 async fn read_back(
     cluster: &Cluster,
@@ -715,16 +788,7 @@ async fn read_back(
                 .sync_all(0)
                 .await?
                 .into_iter()
-                .map(|e| InboxEntry {
-                    version: e.version,
-                    message_id: e.message_id,
-                    sender_id: e.sender_id,
-                    recipient_id: e.recipient_id,
-                    body: String::from_utf8_lossy(&e.body).into_owned(),
-                    group_id: e.group_id,
-                    group_seq: e.group_seq,
-                    is_event: e.group_event.is_some(),
-                })
+                .map(entry_of)
                 .collect();
             client.close();
             reads.push(InboxRead { node, entries });

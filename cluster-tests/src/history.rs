@@ -319,6 +319,10 @@ pub struct Observed {
     pub inboxes: BTreeMap<UserId, Vec<InboxRead>>,
     /// Each node's replicas.
     pub replicas: BTreeMap<NodeId, Vec<ShardReplica>>,
+    /// What each watching client's SDK (`Client::incoming`, fed by pushed
+    /// entries and syncs) gave it during and after the run, in order.
+    #[serde(default)]
+    pub delivered: BTreeMap<UserId, Vec<InboxEntry>>,
 }
 
 #[cfg(test)]

@@ -148,6 +148,15 @@ pub enum Violation {
     },
     /// An inbox the checks need was not read.
     NotRead { user: UserId },
+    /// What a watching client was given is not its stored inbox, entry for
+    /// entry: first at position `index` (from 1) of `delivered` entries
+    /// given and `stored` stored.
+    DeliveryDiffers {
+        user: UserId,
+        index: u64,
+        delivered: u64,
+        stored: u64,
+    },
     /// A shard's replicas are at different applied indexes.
     NotConverged {
         shard: ShardId,
@@ -179,6 +188,7 @@ impl Violation {
             Violation::GroupDiverged { .. } => "group_diverged",
             Violation::ReadsDiffer { .. } => "reads_differ",
             Violation::NotRead { .. } => "not_read",
+            Violation::DeliveryDiffers { .. } => "delivery_differs",
             Violation::NotConverged { .. } => "not_converged",
             Violation::ReplicasDiverged { .. } => "replicas_diverged",
         }
@@ -267,6 +277,11 @@ impl fmt::Display for Violation {
                 "user {user}'s inbox read through node {node} and node {other_node} differs from version {version}"
             ),
             Violation::NotRead { user } => write!(f, "user {user}'s inbox was not read"),
+            Violation::DeliveryDiffers { user, index, delivered, stored } => write!(
+                f,
+                "user {user}'s watching client was given {delivered} entries where {stored} are \
+                 stored, first differing at entry {index}"
+            ),
             Violation::NotConverged { shard, applied } => write!(
                 f,
                 "shard {shard}'s replicas are at different applied indexes (node, index): {applied:?}"
@@ -304,7 +319,7 @@ pub struct Verdict {
 }
 
 /// The checks, each with the violation kinds it reports.
-const CHECKS: [(&str, &[&str]); 8] = [
+const CHECKS: [(&str, &[&str]); 9] = [
     (
         "G1 every acknowledged message is stored where its ack says",
         &["lost", "version_mismatch", "group_seq_mismatch"],
@@ -329,6 +344,10 @@ const CHECKS: [(&str, &[&str]); 8] = [
     (
         "every inbox reads the same through every node",
         &["reads_differ", "not_read"],
+    ),
+    (
+        "G4/G7 a watching client is given every stored entry once, in order, as stored",
+        &["delivery_differs"],
     ),
     (
         "every shard's replicas agree (applied index and digest)",
@@ -410,6 +429,7 @@ pub fn check(history: &[Op], observed: &Observed, groups: &GroupMembers) -> Repo
     run.check_order();
     run.check_groups();
     run.check_replicas();
+    run.check_deliveries();
     let mut violations = run.violations;
     violations.extend(
         run.not_read
@@ -538,6 +558,29 @@ impl<'a> Run<'a> {
                     version: same as u64 + 1,
                 });
             }
+        }
+    }
+
+    fn check_deliveries(&mut self) {
+        for (&user, delivered) in &self.observed.delivered {
+            let Some(stored) = self.inboxes.get(&user).copied() else {
+                self.not_read.insert(user);
+                continue;
+            };
+            if delivered.as_slice() == stored {
+                continue;
+            }
+            let same = delivered
+                .iter()
+                .zip(stored)
+                .take_while(|(a, b)| a == b)
+                .count();
+            self.violations.push(Violation::DeliveryDiffers {
+                user,
+                index: same as u64 + 1,
+                delivered: delivered.len() as u64,
+                stored: stored.len() as u64,
+            });
         }
     }
 

@@ -146,6 +146,7 @@ impl Model {
         Observed {
             inboxes: self.inboxes.iter().map(|(u, e)| (*u, read(e))).collect(),
             replicas: (1..=3).map(|node| (node, replicas.clone())).collect(),
+            delivered: self.inboxes.clone(),
         }
     }
 
@@ -271,6 +272,7 @@ fn every_violation_kind_fails_exactly_one_check() {
         "group_diverged",
         "reads_differ",
         "not_read",
+        "delivery_differs",
         "not_converged",
         "replicas_diverged",
     ] {
@@ -562,6 +564,39 @@ fn reads_through_two_nodes_must_be_identical() {
         version: last,
     };
     assert_eq!(report.violations, vec![differ]);
+}
+
+#[test]
+fn a_watcher_given_an_entry_twice_or_not_at_all_is_reported() {
+    let (model, _) = chatter();
+    let clean = model.observed();
+    let stored = clean.delivered[&2].clone();
+    assert!(stored.len() >= 2, "the chatter gives user 2 two entries");
+    let given = |delivered: Vec<InboxEntry>| {
+        let mut observed = clean.clone();
+        observed.delivered.insert(2, delivered);
+        model.check_observed(&observed).violations
+    };
+    let differs = |index: u64, delivered: usize| {
+        vec![Violation::DeliveryDiffers {
+            user: 2,
+            index,
+            delivered: delivered as u64,
+            stored: stored.len() as u64,
+        }]
+    };
+    let mut twice = stored.clone();
+    twice.insert(1, stored[0].clone());
+    assert_eq!(given(twice), differs(2, stored.len() + 1));
+    let short = stored[..stored.len() - 1].to_vec();
+    assert_eq!(given(short), differs(stored.len() as u64, stored.len() - 1));
+    let mut changed = stored.clone();
+    changed[0].body.push('!');
+    assert_eq!(given(changed), differs(1, stored.len()));
+    assert!(
+        given(stored.clone()).is_empty(),
+        "the stored inbox, once, passes"
+    );
 }
 
 #[test]
