@@ -34,7 +34,7 @@ use fishchat_client::{Client, ClientConfig, ClientError};
 use serde::Serialize;
 
 use crate::checker::{check, Counts, Verdict, Violation};
-use crate::history::{History, InboxEntry, InboxRead, Observed, Outcome, Target, UserId};
+use crate::history::{History, InboxEntry, InboxRead, Observed, Outcome, OwnRead, Target, UserId};
 use crate::{Cluster, ClusterSpec};
 
 /// The password of every user of a run.
@@ -332,6 +332,7 @@ pub fn run(config: &ChaosConfig) -> anyhow::Result<ChaosReport> {
         }
     };
     observed.delivered = runtime.block_on(caught_up(&delivered, &observed));
+    observed.own_reads = history.own_reads();
     for (client, _) in &clients {
         client.close();
     }
@@ -409,6 +410,7 @@ fn observe(
         inboxes,
         replicas: cluster.replicas()?,
         delivered: BTreeMap::new(),
+        own_reads: Vec::new(),
     })
 }
 
@@ -465,6 +467,26 @@ fn outcome_of(error: &ClientError) -> Outcome {
 
 /// Tries of one send whose outcome stays unknown.
 const TRIES: usize = 3;
+/// One send in this many is followed by a sync of the sender's inbox that
+/// must hold it (read your writes).
+const OWN_READ_EVERY: u64 = 8;
+
+/// Syncs `client`'s own inbox from `seen` to its end, advancing `seen`:
+/// whether it holds `message_id`, or `None` when a sync failed.
+async fn own_inbox_holds(client: &Client, seen: &mut u64, message_id: u64) -> Option<bool> {
+    let mut found = false;
+    loop {
+        let page = client.sync(*seen, 1000).await.ok()?;
+        found |= page.entries.iter().any(|e| e.message_id == message_id);
+        let Some(last) = page.entries.last() else {
+            return Some(found);
+        };
+        *seen = last.version;
+        if !page.more {
+            return Some(found);
+        }
+    }
+}
 
 /// One client: sends as `user` until `until`, to users and the group.
 #[allow(clippy::too_many_arguments)]
@@ -480,6 +502,9 @@ async fn work(
 ) {
     let mut dice = Dice::new(seed ^ ((worker + 1) * 7919));
     let mut n = 0u64;
+    // The highest version of the sender's own inbox read so far: every copy
+    // of a later send is above it.
+    let mut own_seen = 0u64;
     while Instant::now() < until {
         let pick = dice.below(users.len() as u64 + 1) as usize;
         let target = match users.get(pick) {
@@ -488,6 +513,7 @@ async fn work(
         };
         let body = format!("s{seed}-w{worker}-{n}");
         n += 1;
+        let check_own_read = n.is_multiple_of(OWN_READ_EVERY);
         for _ in 0..TRIES {
             let op = history.invoke(worker, user, target, &body, &body);
             let bytes = body.clone().into_bytes();
@@ -509,7 +535,22 @@ async fn work(
                 Err(e) => outcome_of(&e),
             };
             let unknown = matches!(outcome, Outcome::Unknown { .. });
+            let acked = match outcome {
+                Outcome::Ok { message_id, .. } => Some(message_id),
+                _ => None,
+            };
             history.complete(op, outcome);
+            if let Some(message_id) = acked.filter(|_| check_own_read) {
+                // A sync that fails (a fault) proves nothing either way.
+                if let Some(found) = own_inbox_holds(client, &mut own_seen, message_id).await {
+                    history.own_read(OwnRead {
+                        op,
+                        user,
+                        message_id,
+                        found,
+                    });
+                }
+            }
             if !unknown || Instant::now() >= until {
                 break;
             }

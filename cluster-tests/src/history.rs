@@ -152,6 +152,7 @@ struct Log {
     ops: Vec<Op>,
     /// Invocations and completions recorded so far.
     events: u64,
+    own_reads: Vec<OwnRead>,
 }
 
 impl Default for History {
@@ -227,6 +228,20 @@ impl History {
     }
 
     /// A copy of every op so far, in invocation order.
+    /// Records a sender's sync right after an acknowledgement.
+    pub fn own_read(&self, read: OwnRead) {
+        self.lock().own_reads.push(read);
+    }
+
+    /// Every sender's sync after an acknowledgement so far.
+    pub fn own_reads(&self) -> Vec<OwnRead> {
+        self.lock().own_reads.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn ops(&self) -> Vec<Op> {
         self.log
             .lock()
@@ -312,6 +327,20 @@ pub struct ShardReplica {
     pub digest: String,
 }
 
+/// A sender's sync right after one of its sends was acknowledged: G4 says
+/// it must hold the sender's copy (read your writes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnRead {
+    /// The acknowledged send.
+    pub op: OpId,
+    /// Its sender, whose inbox was synced.
+    pub user: UserId,
+    /// The message the ack named.
+    pub message_id: u64,
+    /// Whether the sync held it.
+    pub found: bool,
+}
+
 /// What the cluster holds when the run is over.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed {
@@ -323,6 +352,9 @@ pub struct Observed {
     /// entries and syncs) gave it during and after the run, in order.
     #[serde(default)]
     pub delivered: BTreeMap<UserId, Vec<InboxEntry>>,
+    /// The senders' syncs right after acknowledgements, made during the run.
+    #[serde(default)]
+    pub own_reads: Vec<OwnRead>,
 }
 
 #[cfg(test)]

@@ -148,6 +148,13 @@ pub enum Violation {
     },
     /// An inbox the checks need was not read.
     NotRead { user: UserId },
+    /// G4: the sender's sync right after `op` was acknowledged did not hold
+    /// the message.
+    StaleRead {
+        user: UserId,
+        op: OpId,
+        message_id: u64,
+    },
     /// What a watching client was given is not its stored inbox, entry for
     /// entry: first at position `index` (from 1) of `delivered` entries
     /// given and `stored` stored.
@@ -189,6 +196,7 @@ impl Violation {
             Violation::ReadsDiffer { .. } => "reads_differ",
             Violation::NotRead { .. } => "not_read",
             Violation::DeliveryDiffers { .. } => "delivery_differs",
+            Violation::StaleRead { .. } => "stale_read",
             Violation::NotConverged { .. } => "not_converged",
             Violation::ReplicasDiverged { .. } => "replicas_diverged",
         }
@@ -277,6 +285,10 @@ impl fmt::Display for Violation {
                 "user {user}'s inbox read through node {node} and node {other_node} differs from version {version}"
             ),
             Violation::NotRead { user } => write!(f, "user {user}'s inbox was not read"),
+            Violation::StaleRead { user, op, message_id } => write!(
+                f,
+                "{op} was acknowledged as message {message_id}, yet user {user}'s next sync lacked it"
+            ),
             Violation::DeliveryDiffers { user, index, delivered, stored } => write!(
                 f,
                 "user {user}'s watching client was given {delivered} entries where {stored} are \
@@ -319,7 +331,7 @@ pub struct Verdict {
 }
 
 /// The checks, each with the violation kinds it reports.
-const CHECKS: [(&str, &[&str]); 9] = [
+const CHECKS: [(&str, &[&str]); 10] = [
     (
         "G1 every acknowledged message is stored where its ack says",
         &["lost", "version_mismatch", "group_seq_mismatch"],
@@ -344,6 +356,10 @@ const CHECKS: [(&str, &[&str]); 9] = [
     (
         "every inbox reads the same through every node",
         &["reads_differ", "not_read"],
+    ),
+    (
+        "G4 read your writes: a sender's sync right after an ack holds the message",
+        &["stale_read"],
     ),
     (
         "G4/G7 a watching client is given every stored entry once, in order, as stored",
@@ -430,6 +446,7 @@ pub fn check(history: &[Op], observed: &Observed, groups: &GroupMembers) -> Repo
     run.check_groups();
     run.check_replicas();
     run.check_deliveries();
+    run.check_own_reads();
     let mut violations = run.violations;
     violations.extend(
         run.not_read
@@ -559,6 +576,15 @@ impl<'a> Run<'a> {
                 });
             }
         }
+    }
+
+    fn check_own_reads(&mut self) {
+        let stale = self.observed.own_reads.iter().filter(|r| !r.found);
+        self.violations.extend(stale.map(|r| Violation::StaleRead {
+            user: r.user,
+            op: r.op,
+            message_id: r.message_id,
+        }));
     }
 
     fn check_deliveries(&mut self) {

@@ -2,7 +2,7 @@
 //! test breaks one thing and asserts the exact violations reported.
 
 use super::*;
-use crate::history::{History, InboxRead, ShardReplica};
+use crate::history::{History, InboxRead, OwnRead, ShardReplica};
 
 /// A perfect cluster for tests: stores sends as the real one should and
 /// records them in a history. Tests then spoil its inboxes.
@@ -147,6 +147,7 @@ impl Model {
             inboxes: self.inboxes.iter().map(|(u, e)| (*u, read(e))).collect(),
             replicas: (1..=3).map(|node| (node, replicas.clone())).collect(),
             delivered: self.inboxes.clone(),
+            own_reads: Vec::new(),
         }
     }
 
@@ -273,6 +274,7 @@ fn every_violation_kind_fails_exactly_one_check() {
         "reads_differ",
         "not_read",
         "delivery_differs",
+        "stale_read",
         "not_converged",
         "replicas_diverged",
     ] {
@@ -597,6 +599,26 @@ fn a_watcher_given_an_entry_twice_or_not_at_all_is_reported() {
         given(stored.clone()).is_empty(),
         "the stored inbox, once, passes"
     );
+}
+
+#[test]
+fn a_sync_after_an_ack_that_lacks_the_message_is_a_stale_read() {
+    let (model, [a, b, ..]) = chatter();
+    let mut observed = model.observed();
+    let read = |op, message_id, found| OwnRead {
+        op,
+        user: 1,
+        message_id,
+        found,
+    };
+    observed.own_reads = vec![read(a, 11, true), read(b, 12, false)];
+    let report = model.check_observed(&observed);
+    let stale = Violation::StaleRead {
+        user: 1,
+        op: b,
+        message_id: 12,
+    };
+    assert_eq!(report.violations, vec![stale]);
 }
 
 #[test]
