@@ -7,8 +7,10 @@
 # back to back, and prints one table with the FishChat/etcd ratios.
 #
 #   scripts/bench.sh [--levels "1 16 64 256"] [--seconds 15] [--size 256]
-#                    [--sessions 50000] [--failover-trials 5]
+#                    [--sessions 50000] [--failover-trials 5] [--shards 16]
 #
+# --shards sets the new FishChat cluster's shard count (default: the node's
+# default, 16; docs/performance.md shows what fewer shards do).
 # Then, on the same FishChat cluster, `fishchat bench connect` (sessions held
 # and memory per session; --sessions 0 skips it) and `fishchat bench
 # failover` (the longest acknowledgement gap when a shard's leader is
@@ -34,7 +36,8 @@ while [ $# -gt 0 ]; do
     --size) size=${2:?}; shift 2 ;;
     --sessions) sessions=${2:?}; shift 2 ;;
     --failover-trials) failover_trials=${2:?}; shift 2 ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --shards) export FISHCHAT_SHARDS=${2:?}; shift 2 ;;
+    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
