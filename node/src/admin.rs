@@ -95,6 +95,8 @@ pub struct NodeStatus {
     pub wal_syncs: u64,
     /// Appends and votes made durable per WAL sync, on average.
     pub writes_per_sync: f64,
+    /// Raft appends carried per append RPC to a peer, on average.
+    pub appends_per_peer_rpc: f64,
 }
 
 /// This node's view of one shard.
@@ -167,6 +169,7 @@ fn collect(state: &AdminState) -> NodeStatus {
         shards,
         wal_syncs: stats.wal_syncs.load(std::sync::atomic::Ordering::Relaxed),
         writes_per_sync: stats.writes_per_sync(),
+        appends_per_peer_rpc: state.host.peer_stats().appends_per_rpc(),
     }
 }
 
@@ -244,6 +247,21 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             .synced_writes
             .load(std::sync::atomic::Ordering::Relaxed),
     );
+    let peer_append_rpcs = Counter::<u64>::default();
+    let peer_appends = Counter::<u64>::default();
+    registry.register(
+        "peer_append_rpcs",
+        "Append RPCs sent to peers (one may carry several groups' appends)",
+        peer_append_rpcs.clone(),
+    );
+    registry.register(
+        "peer_appends",
+        "Raft appends those RPCs carried",
+        peer_appends.clone(),
+    );
+    let peers = state.host.peer_stats();
+    peer_append_rpcs.inc_by(peers.append_rpcs.load(std::sync::atomic::Ordering::Relaxed));
+    peer_appends.inc_by(peers.appends.load(std::sync::atomic::Ordering::Relaxed));
     let requests = Family::<RequestLabel, Counter<u64>>::default();
     let bound = Gauge::<i64>::default();
     registry.register(

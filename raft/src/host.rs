@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::balance;
 use crate::error::{HostError, ReadError, WriteError};
 use crate::local::{LocalGroups, WriteLimits};
-use crate::network::{GroupNetwork, PeerService, PeerTransport, MAX_PEER_MESSAGE_BYTES};
+use crate::network::{GroupNetwork, PeerService, PeerStats, PeerTransport, MAX_PEER_MESSAGE_BYTES};
 use crate::state_machine::StateMachine;
 use crate::storage::{
     self, Engine, GroupLogStore, GroupStateStore, StorageStats, WalSyncer, CF_META,
@@ -294,6 +294,11 @@ impl GroupHost {
     /// The node's connections to its peers.
     pub(crate) fn transport(&self) -> &PeerTransport {
         &self.transport
+    }
+
+    /// Counters of the appends this node sent to its peers.
+    pub fn peer_stats(&self) -> Arc<PeerStats> {
+        self.transport.stats().clone()
     }
 
     /// Group-commit counters of this node's storage.

@@ -73,5 +73,6 @@ pub mod types;
 
 pub use error::{HostError, ReadError, WriteError};
 pub use host::{GroupHost, GroupStatus, HostConfig, RaftTiming, Role};
+pub use network::PeerStats;
 pub use state_machine::{ApplyError, MemoryState, StateMachine, StateTxn};
 pub use types::{Batch, Command, GroupId, KeyValue, NodeId, Response, Responses, TypeConfig};

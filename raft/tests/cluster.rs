@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{assert_holds_writes, test_timing, write, write_many, written, Cluster, COUNT_KEY};
 use fishchat_proto::peer::raft_peer_client::RaftPeerClient;
-use fishchat_proto::peer::{peer_error, raft_reply, RaftMessage};
+use fishchat_proto::peer::{peer_error, raft_reply, RaftMessage, RaftMessages};
 use fishchat_raft::{RaftTiming, ReadError, Role, WriteError};
 use tokio::sync::Mutex;
 
@@ -78,6 +78,13 @@ async fn sixteen_groups_replicate_twenty_thousand_writes_identically_on_three_ho
         stats.writes_per_sync() > 1.0,
         "group commit makes one WAL sync cover several writes (got {:.2})",
         stats.writes_per_sync()
+    );
+    let leader = cluster.leader_of(cluster.groups[0], LONG).await?;
+    let peers = cluster.host(leader)?.peer_stats();
+    assert!(
+        peers.appends_per_rpc() > 1.0,
+        "appends of several groups to one peer share RPCs (got {:.2} per RPC)",
+        peers.appends_per_rpc()
     );
     cluster.shutdown().await;
     Ok(())
@@ -445,7 +452,7 @@ async fn garbage_on_the_peer_port_gets_an_error_and_groups_keep_serving() -> any
         ),
         (4242, Vec::new(), peer_error::Code::UnknownGroup),
     ];
-    for (group_id, payload, expected) in cases {
+    for (group_id, payload, expected) in cases.clone() {
         for reply in [
             client
                 .append(RaftMessage {
@@ -474,6 +481,43 @@ async fn garbage_on_the_peer_port_gets_an_error_and_groups_keep_serving() -> any
             }
         }
     }
+
+    // The same cases in one batch: each refused alike, in order.
+    let batch = cases
+        .iter()
+        .map(|(group_id, payload, _)| RaftMessage {
+            group_id: *group_id,
+            payload: payload.clone(),
+        })
+        .collect();
+    let replies = client
+        .append_batch(RaftMessages { messages: batch })
+        .await?
+        .into_inner()
+        .replies;
+    assert_eq!(replies.len(), cases.len(), "one reply per message");
+    for (reply, (_, _, expected)) in replies.into_iter().zip(&cases) {
+        match reply.result {
+            Some(raft_reply::Result::Error(e)) => assert_eq!(e.code, *expected as i32),
+            other => panic!("expected a {expected:?} refusal in the batch, got {other:?}"),
+        }
+    }
+    // A batch beyond the limit is refused whole.
+    let oversized = (0..65)
+        .map(|_| RaftMessage {
+            group_id: 4242,
+            payload: Vec::new(),
+        })
+        .collect();
+    let refused = client
+        .append_batch(RaftMessages {
+            messages: oversized,
+        })
+        .await;
+    assert!(
+        matches!(&refused, Err(status) if status.code() == tonic::Code::InvalidArgument),
+        "{refused:?}"
+    );
 
     let before: BTreeMap<_, _> = cluster
         .groups

@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use super::batch::{AppendQueue, PeerStats};
 use super::{RemoteOutcome, SnapshotChunk, MAX_PEER_MESSAGE_BYTES};
 use crate::codec;
 use crate::error::{ReadError, WriteError};
@@ -70,9 +71,10 @@ pub enum TransportError {
 
 /// One gRPC channel per peer node, shared by every group of this node.
 pub struct PeerTransport {
-    channels: Mutex<HashMap<NodeId, (String, RaftPeerClient<Channel>)>>,
+    channels: Mutex<HashMap<NodeId, PeerLink>>,
     connect_timeout: Duration,
     routes: BTreeMap<NodeId, String>,
+    stats: Arc<PeerStats>,
 }
 
 impl PeerTransport {
@@ -84,24 +86,26 @@ impl PeerTransport {
             channels: Mutex::new(HashMap::new()),
             connect_timeout,
             routes,
+            stats: Arc::default(),
         }
     }
 
-    /// The client for `target` at `addr` (or its route), creating its
-    /// channel on first use.
-    fn client(
-        &self,
-        target: NodeId,
-        addr: &str,
-    ) -> Result<RaftPeerClient<Channel>, TransportError> {
+    /// Counters of the appends sent to peers.
+    pub fn stats(&self) -> &Arc<PeerStats> {
+        &self.stats
+    }
+
+    /// The link to `target` at `addr` (or its route), creating its channel
+    /// and append queue on first use.
+    fn link(&self, target: NodeId, addr: &str) -> Result<PeerLink, TransportError> {
         let addr = self.routes.get(&target).map_or(addr, String::as_str);
         let mut channels = self
             .channels
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((known, client)) = channels.get(&target) {
-            if known == addr {
-                return Ok(client.clone());
+        if let Some(link) = channels.get(&target) {
+            if link.addr == addr {
+                return Ok(link.clone());
             }
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| {
@@ -119,9 +123,22 @@ impl PeerTransport {
         let client = RaftPeerClient::new(channel)
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
-        channels.insert(target, (addr.to_string(), client.clone()));
-        Ok(client)
+        let link = PeerLink {
+            addr: addr.to_string(),
+            appends: AppendQueue::start(client.clone(), self.stats.clone()),
+            client,
+        };
+        channels.insert(target, link.clone());
+        Ok(link)
     }
+}
+
+/// The channel to one peer and the queue of appends to it.
+#[derive(Clone)]
+struct PeerLink {
+    addr: String,
+    client: RaftPeerClient<Channel>,
+    appends: AppendQueue,
 }
 
 impl PeerTransport {
@@ -140,8 +157,9 @@ impl PeerTransport {
             detail,
         };
         let mut client = self
-            .client(target, addr)
-            .map_err(|e| unreachable(e.to_string()))?;
+            .link(target, addr)
+            .map_err(|e| unreachable(e.to_string()))?
+            .client;
         let command_len = command.len();
         let mut request = tonic::Request::new(ProposeRequest {
             group_id: group,
@@ -179,8 +197,9 @@ impl PeerTransport {
             detail: format!("node {target}: {detail}"),
         };
         let mut client = self
-            .client(target, addr)
-            .map_err(|e| unavailable(e.to_string()))?;
+            .link(target, addr)
+            .map_err(|e| unavailable(e.to_string()))?
+            .client;
         let mut request = tonic::Request::new(ScanRequest {
             group_id: group,
             from: from.to_vec(),
@@ -326,28 +345,37 @@ impl GroupPeer {
     where
         P: DeserializeOwned,
     {
-        let mut client = self
+        let PeerLink {
+            mut client,
+            appends,
+            ..
+        } = self
             .transport
-            .client(self.target, &self.addr)
+            .link(self.target, &self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let mut message = tonic::Request::new(RaftMessage {
+        let message = RaftMessage {
             group_id: self.group,
             payload,
-        });
-        message.set_timeout(ttl);
+        };
         let sent = async {
-            match rpc {
+            if let Rpc::Append = rpc {
+                return appends.append(message, ttl).await;
+            }
+            let mut message = tonic::Request::new(message);
+            message.set_timeout(ttl);
+            let reply = match rpc {
                 Rpc::Append => client.append(message).await,
                 Rpc::Vote => client.vote(message).await,
                 Rpc::PreVote => client.pre_vote(message).await,
                 Rpc::Snapshot => client.snapshot(message).await,
                 Rpc::TransferLeader => client.transfer_leader(message).await,
-            }
+            };
+            reply.map(tonic::Response::into_inner)
         };
         let reply = match tokio::time::timeout(ttl, sent).await {
             Err(_) => return Err(network(TransportError::Timeout(ttl))),
             Ok(Err(status)) => return Err(from_status(status)),
-            Ok(Ok(reply)) => reply.into_inner(),
+            Ok(Ok(reply)) => reply,
         };
         match reply.result {
             Some(raft_reply::Result::Payload(bytes)) => {

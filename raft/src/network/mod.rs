@@ -4,7 +4,8 @@
 //! Every group on a node sends through one [`PeerTransport`], which keeps one
 //! lazily connected HTTP/2 channel per peer node: all groups' append-entries,
 //! votes and snapshot chunks to that peer are multiplexed over it, and tonic
-//! reconnects it after a failure. A peer that cannot be reached is reported to
+//! reconnects it after a failure. Appends that wait while earlier ones to the
+//! same peer are unanswered go together in one RPC (see `batch`). A peer that cannot be reached is reported to
 //! openraft as `Unreachable`, which makes the group back off before retrying.
 //!
 //! The receiving side, [`PeerService`], looks the group up by id and hands the
@@ -14,10 +15,12 @@
 //! watches votes, so that a follower with a longer log stands at once when a
 //! candidate with a shorter one cannot win (see `stand`).
 
+mod batch;
 mod client;
 mod server;
 mod stand;
 
+pub use batch::PeerStats;
 pub(crate) use client::GroupNetwork;
 pub use client::PeerTransport;
 pub use server::GroupTable;

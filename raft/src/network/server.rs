@@ -8,13 +8,16 @@ use std::time::Duration;
 use fishchat_proto::peer::raft_peer_server::RaftPeer;
 use fishchat_proto::peer::{
     peer_error, propose_reply, raft_reply, route_error, KeyValue, PeerError, ProposeReply,
-    ProposeRequest, RaftMessage, RaftReply, RouteError, ScanReply, ScanRequest,
+    ProposeRequest, RaftMessage, RaftMessages, RaftReplies, RaftReply, RouteError, ScanReply,
+    ScanRequest,
 };
+use futures::future::join_all;
 use openraft::raft::{SnapshotResponse, TransferLeaderRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Status};
 
+use super::batch::MAX_BATCH;
 use super::stand::Stand;
 use super::{RemoteOutcome, SnapshotChunk};
 use crate::codec;
@@ -95,6 +98,19 @@ impl PeerService {
     }
 
     /// Decodes `message` for its group, runs `handle`, encodes the outcome.
+    /// Hands one group its append and answers with the group's reply.
+    async fn append_one(&self, message: RaftMessage) -> RaftReply {
+        let group = message.group_id;
+        self.dispatch(message, |raft, rpc| async move {
+            let outcome = raft.append_entries(rpc).await;
+            if let Ok(response) = &outcome {
+                self.stand.appended(group, response);
+            }
+            outcome
+        })
+        .await
+    }
+
     async fn dispatch<Q, P, E, F, Fut>(&self, message: RaftMessage, handle: F) -> RaftReply
     where
         Q: DeserializeOwned,
@@ -197,18 +213,23 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftReply>, Status> {
-        let message = request.into_inner();
-        let group = message.group_id;
-        let reply = self
-            .dispatch(message, |raft, rpc| async move {
-                let outcome = raft.append_entries(rpc).await;
-                if let Ok(response) = &outcome {
-                    self.stand.appended(group, response);
-                }
-                outcome
-            })
-            .await;
+        let reply = self.append_one(request.into_inner()).await;
         Ok(tonic::Response::new(reply))
+    }
+
+    async fn append_batch(
+        &self,
+        request: Request<RaftMessages>,
+    ) -> Result<tonic::Response<RaftReplies>, Status> {
+        let messages = request.into_inner().messages;
+        if messages.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} appends in one batch; at most {MAX_BATCH}",
+                messages.len()
+            )));
+        }
+        let replies = join_all(messages.into_iter().map(|m| self.append_one(m))).await;
+        Ok(tonic::Response::new(RaftReplies { replies }))
     }
 
     async fn vote(
