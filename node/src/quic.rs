@@ -12,12 +12,12 @@ use fishchat_proto::client::{
     kick::Reason, push, request, response, ErrorCode, Kick, Notify, Push, Request, Response,
 };
 use fishchat_proto::frame::{self, FrameError};
+use prost::Message as _;
 use quinn::crypto::rustls::QuicServerConfig;
 use tokio::task::JoinHandle;
 
 use crate::chat::{now_ms, Binding, Chat, Refusal};
 use crate::sessions::{kick_message, PushEvent, Pushes, Sessions};
-use prost::Message as _;
 
 /// A connection with no traffic for this long is closed (protocol default;
 /// clients keep alive at a third of it).
