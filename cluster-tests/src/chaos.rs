@@ -624,15 +624,12 @@ async fn inject(
                 side
             }
         };
-        faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Fault {
-                at_secs: sending.elapsed().as_secs_f64(),
-                kind,
-                nodes: struck.clone(),
-                held_ms: held.as_millis() as u64,
-            });
+        lock(faults).push(Fault {
+            at_secs: sending.elapsed().as_secs_f64(),
+            kind,
+            nodes: struck.clone(),
+            held_ms: held.as_millis() as u64,
+        });
         match kind {
             FaultKind::KillOne | FaultKind::KillMajority | FaultKind::KillAll => {
                 for &n in &struck {
@@ -697,7 +694,7 @@ async fn report_progress(
         tokio::time::sleep(every).await;
         let counts = history.counts();
         let (injected, last) = {
-            let faults = faults.lock().unwrap_or_else(|p| p.into_inner());
+            let faults = lock(faults);
             let last = faults
                 .last()
                 .map(|f| format!("{} {:?}", f.kind.name(), f.nodes))

@@ -185,7 +185,7 @@ impl History {
         body: &str,
     ) -> OpId {
         let invoked_ms = self.now_ms();
-        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut log = self.lock();
         let id = OpId(log.ops.len() as u64);
         let invoke_index = log.events;
         log.events += 1;
@@ -215,7 +215,7 @@ impl History {
     /// already: both are bugs of the run, not of the cluster.
     pub fn complete(&self, id: OpId, outcome: Outcome) {
         let completed_ms = self.now_ms();
-        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut log = self.lock();
         let complete_index = log.events;
         log.events += 1;
         let Some(op) = usize::try_from(id.0).ok().and_then(|i| log.ops.get_mut(i)) else {
@@ -243,17 +243,13 @@ impl History {
     }
 
     pub fn ops(&self) -> Vec<Op> {
-        self.log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .ops
-            .clone()
+        self.lock().ops.clone()
     }
 
     /// How the ops so far ended (one not completed yet counts as unknown),
     /// counted under the lock, without copying the history.
     pub fn counts(&self) -> crate::checker::Counts {
-        crate::checker::counts(&self.log.lock().unwrap_or_else(PoisonError::into_inner).ops)
+        crate::checker::counts(&self.lock().ops)
     }
 
     /// Writes every op so far to `path`, one JSON object a line.
