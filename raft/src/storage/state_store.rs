@@ -14,7 +14,7 @@ use super::engine::{state_system_key, StateTag};
 use super::snapshot::{self, CurrentSnapshot, GroupSnapshotBuilder, StoredSnapshot};
 use super::{io_error, state_data_range, Engine, CF_STATE};
 use crate::codec::{decode, encode};
-use crate::state_machine::{ApplyTxn, StateMachine};
+use crate::state_machine::{ApplyTxn, RecentValues, StateMachine};
 use crate::types::{
     GroupId, LogId, Response, Responses, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
 };
@@ -24,6 +24,8 @@ pub struct GroupStateStore {
     group: GroupId,
     engine: Engine,
     machine: Box<dyn StateMachine>,
+    /// Small values applied lately, read back from memory.
+    recent: RecentValues,
     applied: Option<LogId>,
     membership: StoredMembership,
     current: CurrentSnapshot,
@@ -61,6 +63,7 @@ impl GroupStateStore {
             group,
             engine,
             machine,
+            recent: RecentValues::default(),
             applied,
             membership,
             current: Arc::new(Mutex::new(None)),
@@ -108,7 +111,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateStore {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
-        let mut txn = ApplyTxn::new(self.group, &self.engine);
+        let mut txn = ApplyTxn::new(self.group, &self.engine, &self.recent);
         let mut answered = Vec::new();
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
@@ -135,12 +138,19 @@ impl RaftStateMachine<TypeConfig> for GroupStateStore {
                 answered.push((responder, responses));
             }
         }
-        let mut batch = std::mem::take(&mut txn.batch);
-        drop(txn);
+        let writes = txn.into_writes();
+        let mut batch = WriteBatch::default();
+        for (key, value) in &writes {
+            match value {
+                Some(value) => super::put_state(&self.engine, &mut batch, self.group, key, value),
+                None => super::delete_state(&self.engine, &mut batch, self.group, key),
+            }
+        }
         self.record_applied(&mut batch)?;
         self.engine
             .write(batch)
             .map_err(|e| io_error("writing applied entries", e))?;
+        self.recent.remember(writes);
         self.applied_index
             .send_replace(self.applied.map(|id| id.index).unwrap_or(0));
         for (responder, responses) in answered {
@@ -155,6 +165,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateStore {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<()> {
         let doing = "installing a snapshot";
+        self.recent.clear();
         let mut batch = WriteBatch::default();
         {
             let records = snapshot::parse_records(&data).map_err(|e| io_error(doing, e))?;
