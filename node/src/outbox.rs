@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use fishchat_raft::{GroupHost, ReadError, Role};
 use fishchat_shard::{
-    channel_watermark_key, decode_u64, outbox_channel_range, outbox_range, outbox_ref, Command,
-    OutboxRef, Outgoing, ShardId, ShardMap,
+    channel_watermark_key, decode_u64, outbox_channel_range, outbox_counter_key, outbox_ref,
+    Command, OutboxRef, Outgoing, ShardId, ShardMap,
 };
 use tokio::sync::watch;
 
@@ -44,6 +44,12 @@ const BATCH: usize = 512;
 /// proposer's clock wrote, so a proposer with a fast clock cannot delay it.
 type FirstSeen = HashMap<(ShardId, OutboxRef), Instant>;
 
+/// For each channel (source, target), an item number at or below which
+/// every item is known forgotten. A forgotten item leaves a tombstone in
+/// RocksDB until compaction, so scans start past them: a scan from the
+/// channel's start would step over every item ever forgotten.
+type Forgotten = HashMap<(ShardId, ShardId), u64>;
+
 /// Runs the pump until `stop` turns true.
 pub async fn run(
     host: Arc<GroupHost>,
@@ -54,6 +60,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut first_seen = FirstSeen::new();
+    let mut forgotten = Forgotten::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -72,7 +79,8 @@ pub async fn run(
             }
             // A full round that forgot items may have more behind it.
             loop {
-                match pump(&host, &courier, shard, &mut first_seen).await {
+                let round = (shard, map.shard_count());
+                match pump(&host, &courier, round, &mut first_seen, &mut forgotten).await {
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(e) => {
@@ -91,30 +99,33 @@ pub async fn run(
 async fn pump(
     host: &GroupHost,
     courier: &Courier,
-    shard: ShardId,
+    (shard, shard_count): (ShardId, ShardId),
     first_seen: &mut FirstSeen,
+    forgotten: &mut Forgotten,
 ) -> Result<bool, String> {
     let group = group_of(shard);
-    let (mut from, end) = outbox_range();
     let mut done = Vec::new();
     let mut partial = false;
     let mut failed = None;
     // Each channel is read on its own, so one that is backed up (its target
     // without a leader) hides no other.
-    loop {
-        let first = host
-            .scan_local(group, &from, &end, 1)
-            .map_err(|e| e.to_string())?;
-        let Some(target) = first.first().and_then(|(key, _)| outbox_ref(key)) else {
-            break;
+    for target in (0..shard_count).filter(|&t| t != shard) {
+        let cursor = forgotten.entry((shard, target)).or_default();
+        let last = match host.read_local(group, &outbox_counter_key(target)) {
+            Ok(None) => 0,
+            Ok(Some(value)) => decode_u64(&value).map_err(|e| e.to_string())?,
+            Err(e) => return Err(e.to_string()),
         };
-        let target = target.target;
-        from = outbox_channel_range(target, u64::MAX).0;
-        let (channel_from, channel_to) = outbox_channel_range(target, 0);
+        if last <= *cursor {
+            continue;
+        }
+        let (channel_from, channel_to) = outbox_channel_range(target, *cursor);
         let rows = host
             .scan_local(group, &channel_from, &channel_to, BATCH)
             .map_err(|e| e.to_string())?;
         partial |= rows.len() == BATCH;
+        let first_live = rows.first().and_then(|(key, _)| outbox_ref(key));
+        *cursor = cursor_after_scan(*cursor, last, first_live.map(|r| r.item));
         let applied = match applied_through(host, shard, target).await {
             Ok(applied) => applied,
             Err(e) => {
@@ -157,11 +168,32 @@ async fn pump(
     }
     let forgot = !done.is_empty();
     if forgot {
-        host.propose(group, Command::OutboxDone { items: done }.encode())
-            .await
-            .map_err(|e| e.to_string())?;
+        host.propose(
+            group,
+            Command::OutboxDone {
+                items: done.clone(),
+            }
+            .encode(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        for item in done {
+            let cursor = forgotten.entry((shard, item.target)).or_default();
+            *cursor = (*cursor).max(item.item);
+        }
     }
     failed.map_or(Ok(partial && forgot), Err)
+}
+
+/// Where a channel's next scan starts, after one that started past
+/// `cursor` found `first_live` as its first item. Every item up to `last`
+/// (the channel's counter, read before the scan) had been made; one the
+/// scan did not find was forgotten, and forgotten items never return.
+fn cursor_after_scan(cursor: u64, last: u64, first_live: Option<u64>) -> u64 {
+    match first_live {
+        Some(first) => first.saturating_sub(1).max(cursor),
+        None => last.max(cursor),
+    }
 }
 
 /// The last item of `source`'s channel that `target` has applied, as far
@@ -181,5 +213,22 @@ async fn applied_through(
         Ok(None) => Ok(0),
         Ok(Some(value)) => decode_u64(&value).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scan_moves_the_cursor_to_just_before_the_first_live_item() {
+        // Items 1-6 were made; 1-3 are forgotten, so the scan from 0 finds 4.
+        assert_eq!(cursor_after_scan(0, 6, Some(4)), 3);
+        // Nothing left: everything made before the scan is forgotten.
+        assert_eq!(cursor_after_scan(3, 6, None), 6);
+        // Nothing forgotten past the cursor: it stays.
+        assert_eq!(cursor_after_scan(3, 6, Some(4)), 3);
+        // An item made after the counter was read does not move it back.
+        assert_eq!(cursor_after_scan(6, 6, Some(7)), 6);
     }
 }

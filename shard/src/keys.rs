@@ -252,6 +252,16 @@ pub(crate) fn counter(name: &str) -> Vec<u8> {
     key
 }
 
+/// Name of the counter that numbers the outbox items for `target`.
+pub(crate) fn outbox_counter(target: ShardId) -> String {
+    format!("outbox/{target}")
+}
+
+/// Key of that counter: its value is the last item made for `target`.
+pub fn outbox_counter_key(target: ShardId) -> Vec<u8> {
+    counter(&outbox_counter(target))
+}
+
 /// Key of the latest version of `user`'s inbox.
 pub fn latest_version_key(user: UserId) -> Vec<u8> {
     with_u64(b'v', user)

@@ -182,7 +182,7 @@ impl ChatMachine {
                 }
                 continue;
             }
-            let item = next(state, &channel_counter(target))?;
+            let item = next(state, &keys::outbox_counter(target))?;
             let delivery = Delivery {
                 item,
                 owners,
@@ -437,11 +437,6 @@ pub(crate) fn read_u64(state: &dyn StateTxn, key: &[u8]) -> Result<u64, ApplyErr
         Some(bytes) => keys::decode_u64(&bytes).map_err(corrupt),
         None => Ok(0),
     }
-}
-
-/// The counter of the outbox channel to `target`.
-fn channel_counter(target: ShardId) -> String {
-    format!("outbox/{target}")
 }
 
 /// Takes the next number (1, 2, …) of the counter `name`.
