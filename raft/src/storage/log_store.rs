@@ -4,7 +4,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogReader};
@@ -12,6 +12,7 @@ use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use tokio::sync::watch;
 
 use super::engine::{index_of_log_key, log_key, meta_key, MetaTag};
+use super::log_tail::LogTail;
 use super::{io_error, Engine, WalSyncer, CF_LOG, CF_META};
 use crate::codec::{decode, encode};
 use crate::types::{Entry, GroupId, LogId, TypeConfig, Vote};
@@ -27,6 +28,8 @@ pub(crate) struct GroupLogStore {
     committed: Arc<AtomicU64>,
     /// The group's applied index: a purge waits until it covers the purge.
     applied: watch::Receiver<u64>,
+    /// The newest entries, decoded, shared with the readers.
+    tail: Arc<Mutex<LogTail>>,
 }
 
 impl GroupLogStore {
@@ -45,7 +48,14 @@ impl GroupLogStore {
             syncer,
             committed,
             applied,
+            tail: Arc::default(),
         }
+    }
+
+    fn tail(&self) -> MutexGuard<'_, LogTail> {
+        // The tail is left consistent between statements: a panic elsewhere
+        // while it was locked poisons nothing it holds.
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, tag: MetaTag) -> io::Result<Option<T>> {
@@ -121,6 +131,9 @@ impl RaftLogReader<TypeConfig> for GroupLogStore {
         };
         if start >= end {
             return Ok(Vec::new());
+        }
+        if let Some(entries) = self.tail().get(start, end) {
+            return Ok(entries);
         }
         let db = self.engine.db();
         let mut options = ReadOptions::default();
@@ -201,16 +214,21 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let mut batch = WriteBatch::default();
         let cf = self.engine.cf(CF_LOG);
-        for entry in entries {
-            let bytes = encode(&entry).map_err(|e| io_error("encoding a log entry", e))?;
+        for entry in &entries {
+            let bytes = encode(entry).map_err(|e| io_error("encoding a log entry", e))?;
             batch.put_cf(cf, log_key(self.group, entry.log_id.index), bytes);
+        }
+        if let Some(first) = entries.first() {
+            self.tail().forget_from(first.log_id.index);
         }
         // Readable now; durable once the syncer has synced the WAL.
         self.engine
             .write(batch)
             .map_err(|e| io_error("appending to the log", e))?;
+        self.tail().appended(entries);
         self.syncer
             .after_sync(callback)
             .await
@@ -219,6 +237,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         let from = last_log_id.map_or(0, |id| id.index + 1);
+        self.tail().forget_from(from);
         self.engine
             .write(self.delete_batch(from, u64::MAX))
             .map_err(|e| io_error("truncating the log", e))
@@ -236,6 +255,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
                 "state machine stopped before the purge was covered",
             ));
         }
+        self.tail().forget_through(log_id.index);
         let mut batch = self.delete_batch(0, log_id.index.saturating_add(1));
         self.put_meta(&mut batch, MetaTag::Purged, &log_id)?;
         self.engine

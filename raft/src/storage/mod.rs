@@ -25,6 +25,7 @@
 
 mod engine;
 mod log_store;
+mod log_tail;
 mod snapshot;
 mod state_store;
 mod wal_sync;
