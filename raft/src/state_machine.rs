@@ -78,22 +78,20 @@ impl StateTxn for MemoryState {
 }
 
 /// The host's [`StateTxn`] for one apply call: reads see the batch's own
-/// writes, then the group's [`RecentValues`], then RocksDB. Writes stay in
-/// memory until [`ApplyTxn::into_writes`], so a key written many times in
-/// one batch (a counter, a latest version) reaches RocksDB once.
+/// writes, then RocksDB. Writes stay in memory until
+/// [`ApplyTxn::into_writes`], so a key written many times in one batch (a
+/// counter, a latest version) reaches RocksDB once.
 pub(crate) struct ApplyTxn<'a> {
     group: GroupId,
     engine: &'a Engine,
-    recent: &'a RecentValues,
     pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl<'a> ApplyTxn<'a> {
-    pub(crate) fn new(group: GroupId, engine: &'a Engine, recent: &'a RecentValues) -> Self {
+    pub(crate) fn new(group: GroupId, engine: &'a Engine) -> Self {
         Self {
             group,
             engine,
-            recent,
             pending: HashMap::new(),
         }
     }
@@ -112,9 +110,6 @@ impl StateTxn for ApplyTxn<'_> {
         if let Some(value) = self.pending.get(key) {
             return Ok(value.clone());
         }
-        if let Some(value) = self.recent.get(key) {
-            return Ok(Some(value.to_vec()));
-        }
         crate::storage::read_state(self.engine, self.group, key)
             .map_err(|e| ApplyError::Storage(e.to_string()))
     }
@@ -125,54 +120,6 @@ impl StateTxn for ApplyTxn<'_> {
 
     fn delete(&mut self, key: &[u8]) {
         self.pending.insert(key.to_vec(), None);
-    }
-}
-
-/// Most keys [`RecentValues`] holds; past it, it starts again empty.
-const RECENT_KEYS: usize = 4096;
-/// Largest value [`RecentValues`] holds: counters, versions and watermarks
-/// (8 bytes) fit; messages and receipts do not, and are rarely read back.
-const RECENT_VALUE_BYTES: usize = 16;
-
-/// The small values a group's commands wrote lately. Nearly every batch
-/// reads back the same few (the message id counter, an outbox channel's
-/// counter, a busy inbox's latest version); from memory that costs a hash
-/// lookup instead of a search of RocksDB's memtable.
-///
-/// It is exact, never stale: every write to the group's state goes through
-/// [`RecentValues::remember`] once it is in RocksDB (a delete or a large
-/// value removes the key), and installing a snapshot, the one other writer,
-/// clears it.
-#[derive(Debug, Default)]
-pub(crate) struct RecentValues {
-    values: HashMap<Vec<u8>, Vec<u8>>,
-}
-
-impl RecentValues {
-    fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        self.values.get(key).map(Vec::as_slice)
-    }
-
-    /// Takes in writes that are now in RocksDB.
-    pub(crate) fn remember(&mut self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) {
-        if self.values.len() > RECENT_KEYS {
-            self.values.clear();
-        }
-        for (key, value) in writes {
-            match value {
-                Some(value) if value.len() <= RECENT_VALUE_BYTES => {
-                    self.values.insert(key, value);
-                }
-                _ => {
-                    self.values.remove(&key);
-                }
-            }
-        }
-    }
-
-    /// Forgets everything: the state was replaced wholesale.
-    pub(crate) fn clear(&mut self) {
-        self.values.clear();
     }
 }
 
@@ -188,8 +135,7 @@ mod tests {
     fn a_batch_writes_each_key_once_with_its_last_value_in_key_order() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let engine = Engine::open(dir.path()).expect("open RocksDB");
-        let recent = RecentValues::default();
-        let mut txn = ApplyTxn::new(7, &engine, &recent);
+        let mut txn = ApplyTxn::new(7, &engine);
         for n in 1..=5u64 {
             txn.put(b"n/counter", &n.to_be_bytes());
             assert_eq!(txn.get(b"n/counter").expect("read"), counter(n));
@@ -206,43 +152,5 @@ mod tests {
                 (b"n/counter".to_vec(), counter(5)),
             ]
         );
-    }
-
-    #[test]
-    fn recent_values_answer_before_storage_and_never_go_stale() {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let engine = Engine::open(dir.path()).expect("open RocksDB");
-        let mut recent = RecentValues::default();
-        // Nothing is in RocksDB: whatever a read finds came from memory.
-        recent.remember(vec![
-            (b"counter".to_vec(), counter(9)),
-            (b"body".to_vec(), Some(vec![0; RECENT_VALUE_BYTES + 1])),
-        ]);
-        {
-            let txn = ApplyTxn::new(7, &engine, &recent);
-            assert_eq!(txn.get(b"counter").expect("read"), counter(9));
-            assert_eq!(
-                txn.get(b"body").expect("read"),
-                None,
-                "large values are not kept"
-            );
-        }
-        // A delete, and a value that grew too large, both drop the key.
-        recent.remember(vec![(b"counter".to_vec(), None)]);
-        assert_eq!(recent.get(b"counter"), None);
-        recent.remember(vec![(b"counter".to_vec(), counter(10))]);
-        recent.remember(vec![(b"counter".to_vec(), Some(vec![1; 64]))]);
-        assert_eq!(recent.get(b"counter"), None);
-    }
-
-    #[test]
-    fn recent_values_stay_bounded() {
-        let mut recent = RecentValues::default();
-        for n in 0..(3 * RECENT_KEYS as u64) {
-            recent.remember(vec![(n.to_be_bytes().to_vec(), counter(n))]);
-            assert!(recent.values.len() <= RECENT_KEYS + 1);
-        }
-        recent.clear();
-        assert!(recent.values.is_empty());
     }
 }

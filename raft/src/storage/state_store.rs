@@ -14,7 +14,7 @@ use super::engine::{state_system_key, StateTag};
 use super::snapshot::{self, CurrentSnapshot, GroupSnapshotBuilder, StoredSnapshot};
 use super::{io_error, state_data_range, Engine, CF_STATE};
 use crate::codec::{decode, encode};
-use crate::state_machine::{ApplyTxn, RecentValues, StateMachine};
+use crate::state_machine::{ApplyTxn, StateMachine};
 use crate::types::{
     GroupId, LogId, Response, Responses, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
 };
@@ -24,8 +24,6 @@ pub struct GroupStateStore {
     group: GroupId,
     engine: Engine,
     machine: Box<dyn StateMachine>,
-    /// Small values applied lately, read back from memory.
-    recent: RecentValues,
     applied: Option<LogId>,
     membership: StoredMembership,
     current: CurrentSnapshot,
@@ -63,7 +61,6 @@ impl GroupStateStore {
             group,
             engine,
             machine,
-            recent: RecentValues::default(),
             applied,
             membership,
             current: Arc::new(Mutex::new(None)),
@@ -71,8 +68,9 @@ impl GroupStateStore {
         })
     }
 
-    /// Adds the applied log id and membership to `batch`.
-    fn record_applied(&self, batch: &mut WriteBatch) -> io::Result<()> {
+    /// Adds the applied log id to `batch`, and the membership when it
+    /// changed: most batches carry none, and the record is not small.
+    fn record_applied(&self, batch: &mut WriteBatch, membership_changed: bool) -> io::Result<()> {
         let cf = self.engine.cf(CF_STATE);
         let failed = |e| io_error("recording the applied state", e);
         batch.put_cf(
@@ -80,11 +78,13 @@ impl GroupStateStore {
             state_system_key(self.group, StateTag::Applied),
             encode(&self.applied).map_err(failed)?,
         );
-        batch.put_cf(
-            cf,
-            state_system_key(self.group, StateTag::Membership),
-            encode(&self.membership).map_err(failed)?,
-        );
+        if membership_changed {
+            batch.put_cf(
+                cf,
+                state_system_key(self.group, StateTag::Membership),
+                encode(&self.membership).map_err(failed)?,
+            );
+        }
         Ok(())
     }
 
@@ -111,7 +111,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateStore {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
-        let mut txn = ApplyTxn::new(self.group, &self.engine, &self.recent);
+        let mut txn = ApplyTxn::new(self.group, &self.engine);
+        let mut membership_changed = false;
         let mut answered = Vec::new();
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
@@ -130,6 +131,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateStore {
                 }
                 EntryPayload::Membership(membership) => {
                     self.membership = StoredMembership::new(Some(log_id), membership);
+                    membership_changed = true;
                     Responses::default()
                 }
             };
@@ -146,11 +148,10 @@ impl RaftStateMachine<TypeConfig> for GroupStateStore {
                 None => super::delete_state(&self.engine, &mut batch, self.group, key),
             }
         }
-        self.record_applied(&mut batch)?;
+        self.record_applied(&mut batch, membership_changed)?;
         self.engine
             .write(batch)
             .map_err(|e| io_error("writing applied entries", e))?;
-        self.recent.remember(writes);
         self.applied_index
             .send_replace(self.applied.map(|id| id.index).unwrap_or(0));
         for (responder, responses) in answered {
@@ -165,7 +166,6 @@ impl RaftStateMachine<TypeConfig> for GroupStateStore {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<()> {
         let doing = "installing a snapshot";
-        self.recent.clear();
         let mut batch = WriteBatch::default();
         {
             let records = snapshot::parse_records(&data).map_err(|e| io_error(doing, e))?;
@@ -177,7 +177,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateStore {
         }
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.record_applied(&mut batch)?;
+        self.record_applied(&mut batch, true)?;
         // The leader counts this replica as holding everything up to the
         // snapshot once we answer: it must survive a crash.
         self.engine
