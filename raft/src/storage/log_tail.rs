@@ -71,21 +71,10 @@ impl LogTail {
         }
     }
 
-    /// Adds entries the log now holds: consecutive, following what the
-    /// tail holds (after [`LogTail::forget_from`] their first index). Anything
-    /// else starts the tail again from them.
+    /// Adds entries the log now holds. Each must follow the one before it
+    /// (after [`LogTail::forget_from`] their first index); one that does not
+    /// starts the tail again from itself.
     pub(crate) fn appended(&mut self, entries: Vec<Entry>) {
-        let (Some(head), Some(next)) = (entries.first(), self.first()) else {
-            return self.extend(entries);
-        };
-        if head.log_id.index != next + self.entries.len() as u64 {
-            self.entries.clear();
-            self.bytes = 0;
-        }
-        self.extend(entries);
-    }
-
-    fn extend(&mut self, entries: Vec<Entry>) {
         for entry in entries {
             if let Some(last) = self.entries.back() {
                 if entry.log_id.index != last.log_id.index + 1 {
