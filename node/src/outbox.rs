@@ -79,8 +79,16 @@ pub async fn run(
             }
             // A full round that forgot items may have more behind it.
             loop {
-                let round = (shard, map.shard_count());
-                match pump(&host, &courier, round, &mut first_seen, &mut forgotten).await {
+                match pump(
+                    &host,
+                    &courier,
+                    shard,
+                    map.shard_count(),
+                    &mut first_seen,
+                    &mut forgotten,
+                )
+                .await
+                {
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(e) => {
@@ -99,7 +107,8 @@ pub async fn run(
 async fn pump(
     host: &GroupHost,
     courier: &Courier,
-    (shard, shard_count): (ShardId, ShardId),
+    shard: ShardId,
+    shard_count: ShardId,
     first_seen: &mut FirstSeen,
     forgotten: &mut Forgotten,
 ) -> Result<bool, String> {
@@ -111,11 +120,7 @@ async fn pump(
     // without a leader) hides no other.
     for target in (0..shard_count).filter(|&t| t != shard) {
         let cursor = forgotten.entry((shard, target)).or_default();
-        let last = match host.read_local(group, &outbox_counter_key(target)) {
-            Ok(None) => 0,
-            Ok(Some(value)) => decode_u64(&value).map_err(|e| e.to_string())?,
-            Err(e) => return Err(e.to_string()),
-        };
+        let last = counter_value(host.read_local(group, &outbox_counter_key(target)))?;
         if last <= *cursor {
             continue;
         }
@@ -168,18 +173,17 @@ async fn pump(
     }
     let forgot = !done.is_empty();
     if forgot {
-        host.propose(
-            group,
-            Command::OutboxDone {
-                items: done.clone(),
-            }
-            .encode(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        for item in done {
-            let cursor = forgotten.entry((shard, item.target)).or_default();
-            *cursor = (*cursor).max(item.item);
+        let mut highest: HashMap<ShardId, u64> = HashMap::new();
+        for item in &done {
+            let top = highest.entry(item.target).or_default();
+            *top = (*top).max(item.item);
+        }
+        host.propose(group, Command::OutboxDone { items: done }.encode())
+            .await
+            .map_err(|e| e.to_string())?;
+        for (target, item) in highest {
+            let cursor = forgotten.entry((shard, target)).or_default();
+            *cursor = (*cursor).max(item);
         }
     }
     failed.map_or(Ok(partial && forgot), Err)
@@ -209,7 +213,12 @@ async fn applied_through(
         Err(ReadError::UnknownGroup(_)) => read_key(host, target, &key).await,
         local => local,
     };
-    match value {
+    counter_value(value)
+}
+
+/// The number a counter key holds: 0 while the key is absent.
+fn counter_value<E: std::fmt::Display>(read: Result<Option<Vec<u8>>, E>) -> Result<u64, String> {
+    match read {
         Ok(None) => Ok(0),
         Ok(Some(value)) => decode_u64(&value).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),

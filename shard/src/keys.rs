@@ -142,11 +142,6 @@ pub(crate) fn device(user: UserId, device: &str) -> Vec<u8> {
     key
 }
 
-/// `[from, to)` of every outbox item of a shard, by target, then item.
-pub fn outbox_range() -> (Vec<u8>, Vec<u8>) {
-    (vec![b'o'], vec![b'p'])
-}
-
 /// `[from, to)` of the outbox items for `target` numbered above `after`.
 pub fn outbox_channel_range(target: ShardId, after: u64) -> (Vec<u8>, Vec<u8>) {
     let from = match after.checked_add(1) {
@@ -167,7 +162,7 @@ fn channel_end(target: ShardId) -> Vec<u8> {
     }
 }
 
-/// The item an outbox key names (a key of [`outbox_range`]).
+/// The item an outbox key names (a key of [`outbox_channel_range`]).
 pub fn outbox_ref(key: &[u8]) -> Option<OutboxRef> {
     if key.len() != 13 || key[0] != b'o' {
         return None;
@@ -180,7 +175,7 @@ pub fn outbox_ref(key: &[u8]) -> Option<OutboxRef> {
     })
 }
 
-/// Decodes an outbox item (a value of [`outbox_range`]).
+/// Decodes an outbox item (a value of [`outbox_channel_range`]).
 pub fn decode_delivery(bytes: &[u8]) -> Result<Delivery, DecodeError> {
     decode(bytes)
 }

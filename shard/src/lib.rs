@@ -62,8 +62,8 @@ pub use groups::{valid_group_name, MAX_GROUP_NAME};
 pub use keys::{
     account_key, channel_watermark_key, decode_account, decode_delivery, decode_entry,
     decode_group, decode_u64, group_key, group_seq_key, inbox_range, latest_version_key,
-    membership_group, memberships_range, outbox_channel_range, outbox_counter_key, outbox_range,
-    outbox_ref, revoked_key, user_key, Account, DecodeError, Group, Member,
+    membership_group, memberships_range, outbox_channel_range, outbox_counter_key, outbox_ref,
+    revoked_key, user_key, Account, DecodeError, Group, Member,
 };
 pub use machine::{valid_username, ChatMachine};
 pub use shard_map::{GroupId, ShardId, ShardMap, UserId};
