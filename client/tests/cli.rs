@@ -515,3 +515,76 @@ async fn watch_names_a_group_created_before_it_started() {
     let _ = child.wait();
     assert!(line.ends_with("] [#team] alice: hello"), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_send_with_a_count_sends_exactly_that_many_distinct_messages() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let ca = ca_file();
+    let report = tempfile::NamedTempFile::new().expect("report file");
+    let path = report.path().to_str().expect("utf-8 path");
+    let args = [
+        "bench",
+        "send",
+        "--clients",
+        "2",
+        "--count",
+        "9",
+        "--users",
+        "3",
+        "--report",
+        path,
+    ];
+    let run = fishchat(&node, ca.path(), "", &args, "").await;
+    assert!(run.status.success(), "{run:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.path()).expect("read report")).expect("JSON");
+    assert_eq!(report["mode"], "send");
+    assert_eq!(report["acked"], 9);
+    assert_eq!(report["latency"]["count"], 9);
+    assert_eq!(report["errors"], serde_json::json!({}));
+    // The fake node has no admin port: the CPU figures are left out, not made up.
+    assert_eq!(report["node_cpu"], serde_json::Value::Null);
+    let mut sent = cluster.sends_seen();
+    assert_eq!(sent.len(), 9, "{sent:?}");
+    sent.sort();
+    sent.dedup();
+    assert_eq!(sent.len(), 9, "every message has its own client message id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_ping_reports_the_pings_the_node_answered() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let ca = ca_file();
+    let report = tempfile::NamedTempFile::new().expect("report file");
+    let path = report.path().to_str().expect("utf-8 path");
+    let args = [
+        "bench",
+        "ping",
+        "--clients",
+        "2",
+        "--duration",
+        "300ms",
+        "--report",
+        path,
+    ];
+    let run = fishchat(&node, ca.path(), "", &args, "").await;
+    assert!(run.status.success(), "{run:?}");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.starts_with("ping: 2 clients: "), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.path()).expect("read report")).expect("JSON");
+    assert_eq!(report["mode"], "ping");
+    let answered = report["answered"].as_u64().expect("a count");
+    assert!(answered > 0, "{report}");
+    assert_eq!(report["latency"]["count"], answered);
+    assert_eq!(report["errors"], serde_json::json!({}));
+    let pings = cluster.requests(|body| match body {
+        fishchat_client::proto::request::Body::Ping(p) => Some(p.nonce),
+        _ => None,
+    });
+    assert!(pings.len() as u64 >= answered, "{} pings seen", pings.len());
+    // No request but pings: a ping needs no login.
+    assert_eq!(cluster.seen().len(), pings.len());
+}

@@ -289,6 +289,15 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         );
         resident.set(i64::try_from(rss).unwrap_or(i64::MAX));
     }
+    if let Some(seconds) = cpu_seconds() {
+        let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "process_cpu_seconds",
+            "CPU time this node's process has used, user and system together, in seconds",
+            cpu.clone(),
+        );
+        cpu.inc_by(seconds);
+    }
     let mut body = String::new();
     match encode(&mut body, &registry) {
         Ok(()) => (
@@ -309,6 +318,27 @@ fn resident_bytes() -> Option<u64> {
     parse_vm_rss(&status)
 }
 
+/// Clock ticks per second of the times in `/proc/<pid>/stat` (Linux's
+/// `USER_HZ`, which its ABI fixes at 100 on the architectures we build for).
+const PROC_TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU time this process has used so far, from `/proc/self/stat` (Linux only).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    parse_cpu_seconds(&stat)
+}
+
+/// User plus system time of a `/proc/<pid>/stat` text, in seconds. The
+/// command name (field 2) may hold spaces and parentheses, so fields are
+/// counted from the last `)`: utime and stime are the 12th and 13th after it.
+fn parse_cpu_seconds(stat: &str) -> Option<f64> {
+    let after_name = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / PROC_TICKS_PER_SECOND)
+}
+
 /// The `VmRSS` line of a `/proc/<pid>/status` text, in bytes.
 fn parse_vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -319,7 +349,7 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_vm_rss;
+    use super::{parse_cpu_seconds, parse_vm_rss};
 
     #[test]
     fn resident_memory_is_read_from_the_vm_rss_line_in_bytes() {
@@ -331,7 +361,22 @@ mod tests {
     }
 
     #[test]
+    fn cpu_time_is_user_plus_system_ticks_counted_after_the_command_name() {
+        // A command name with spaces and a parenthesis must not shift the fields.
+        let stat =
+            "4242 (node (x) y) S 1 4242 4242 0 -1 4194560 900 0 3 0 1234 566 0 0 20 0 9 0 77 0 0";
+        assert_eq!(parse_cpu_seconds(stat), Some(18.0));
+        assert_eq!(parse_cpu_seconds("4242 (node) S 1 2"), None);
+        assert_eq!(parse_cpu_seconds("4242 node S"), None);
+        assert_eq!(
+            parse_cpu_seconds("1 (n) S 1 1 1 0 -1 0 0 0 0 0 lots 5 0"),
+            None
+        );
+    }
+
+    #[test]
     fn this_process_reports_some_resident_memory() {
         assert!(super::resident_bytes().is_some_and(|bytes| bytes > 0));
+        assert!(super::cpu_seconds().is_some_and(|seconds| seconds >= 0.0));
     }
 }

@@ -15,11 +15,23 @@
 //!   entry; each body carries its send time) and send→ack, and the rate
 //!   achieved.
 //!
+//! - `ping`: C concurrent clients, each sending one Ping at a time: the
+//!   floor of a request's cost (QUIC, TLS, framing, the node's dispatch)
+//!   with no Raft round and no storage. Reports pings per second and their
+//!   latency.
+//!
 //! - `connect`: N connections sharing a few client sockets, each resuming
 //!   a session; how many the nodes hold and their memory per session.
 //!
 //! - `failover`: steady sends to one shard while its leader is killed,
 //!   repeatedly: the longest time without an acknowledgement.
+//!
+//! `send`, `ping` and `e2e` also report the CPU time the nodes used while
+//! they ran (from each node's `/metrics`, on the admin port beside its
+//! client port): the cores they kept busy and the milliseconds of node CPU
+//! per 1,000 answered requests. On a machine the nodes share with the load
+//! generator and a disk whose speed wanders, CPU per request is steadier
+//! than requests per second. Without admin access the figures are left out.
 //!
 //! The users are `<prefix>0`, `<prefix>1`, …: registered when missing, so
 //! runs one after another reuse them (registration hashes a password, which
@@ -40,6 +52,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::settings::Settings;
+use crate::status;
 
 mod connect;
 mod failover;
@@ -55,6 +68,22 @@ pub enum BenchCommand {
     Connect(connect::ConnectArgs),
     /// Kill a shard's leader under steady sends: the longest acknowledgement gap.
     Failover(failover::FailoverArgs),
+    /// Concurrent clients sending pings: a request's cost without Raft or storage.
+    Ping(PingArgs),
+}
+
+/// Options of `bench ping`.
+#[derive(Debug, Args)]
+pub struct PingArgs {
+    /// Concurrent clients, each its own connection.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// How long to ping, e.g. `10s`, `2m`.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Write the figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }
 
 /// Options of `bench e2e`.
@@ -191,6 +220,120 @@ pub struct SendReport {
     pub latency: Latency,
     /// Failed sends by error kind (a server code, or the client's kind).
     pub errors: BTreeMap<String, u64>,
+    /// CPU the nodes used meanwhile (absent without admin access).
+    pub node_cpu: Option<NodeCpu>,
+}
+
+/// What `bench ping` measured.
+#[derive(Debug, Serialize)]
+pub struct PingReport {
+    /// Always "ping".
+    pub mode: &'static str,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Seconds from the first ping to the last answer.
+    pub elapsed_secs: f64,
+    /// Pings answered.
+    pub answered: u64,
+    /// Answered pings per second.
+    pub answered_per_sec: f64,
+    /// Ping→answer latency.
+    pub latency: Latency,
+    /// Failed pings by error kind.
+    pub errors: BTreeMap<String, u64>,
+    /// CPU the nodes used meanwhile (absent without admin access).
+    pub node_cpu: Option<NodeCpu>,
+}
+
+/// CPU time the nodes used while a mode ran.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct NodeCpu {
+    /// CPU seconds of all nodes together.
+    pub seconds: f64,
+    /// Cores they kept busy on average.
+    pub cores_busy: f64,
+    /// Milliseconds of node CPU per 1,000 answered requests.
+    pub ms_per_1000_requests: f64,
+}
+
+impl NodeCpu {
+    /// The figures for `before` and `after` (CPU seconds of all nodes),
+    /// over `elapsed` seconds that answered `requests`. None when nothing
+    /// was answered or the total went down (a node restarted meanwhile).
+    fn between(before: f64, after: f64, elapsed: f64, requests: u64) -> Option<Self> {
+        let seconds = after - before;
+        if requests == 0 || seconds < 0.0 || elapsed <= 0.0 {
+            return None;
+        }
+        Some(Self {
+            seconds,
+            cores_busy: seconds / elapsed,
+            ms_per_1000_requests: seconds * 1_000_000.0 / requests as f64,
+        })
+    }
+}
+
+impl std::fmt::Display for NodeCpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} s in all, {:.2} cores busy, {:.0} ms per 1,000 requests",
+            self.seconds, self.cores_busy, self.ms_per_1000_requests
+        )
+    }
+}
+
+/// Reads the nodes' CPU time before a run and again after it.
+struct CpuMeter {
+    before: Option<f64>,
+}
+
+impl CpuMeter {
+    /// Takes the first reading; without one, the run reports no CPU.
+    async fn start(settings: &Settings) -> Self {
+        let before = match nodes_cpu_seconds(settings).await {
+            Ok(seconds) => Some(seconds),
+            Err(e) => {
+                eprintln!("bench: node CPU not measured: {e:#}");
+                None
+            }
+        };
+        Self { before }
+    }
+
+    /// Takes the second reading: the CPU of a run of `elapsed` seconds
+    /// that answered `requests`.
+    async fn finish(self, settings: &Settings, elapsed: f64, requests: u64) -> Option<NodeCpu> {
+        let before = self.before?;
+        match nodes_cpu_seconds(settings).await {
+            Ok(after) => NodeCpu::between(before, after, elapsed, requests),
+            Err(e) => {
+                eprintln!("bench: node CPU not measured: {e:#}");
+                None
+            }
+        }
+    }
+}
+
+/// CPU seconds used so far by every node in `settings`, added up.
+async fn nodes_cpu_seconds(settings: &Settings) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for server in &settings.servers {
+        let admin = status::admin_address(server)?;
+        let text = status::fetch_path(&admin, "/metrics").await?;
+        let seconds: f64 = metric(&text, "fishchat_process_cpu_seconds_total")
+            .with_context(|| format!("{admin}/metrics has no CPU time"))?;
+        total += seconds;
+    }
+    Ok(total)
+}
+
+/// The value of an unlabelled metric in an OpenMetrics text.
+fn metric<T: std::str::FromStr>(text: &str, name: &str) -> Option<T> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
 }
 
 /// What `bench e2e` measured.
@@ -216,6 +359,8 @@ pub struct E2eReport {
     pub ack_latency: Latency,
     /// Failed sends by error kind.
     pub errors: BTreeMap<String, u64>,
+    /// CPU the nodes used meanwhile (absent without admin access).
+    pub node_cpu: Option<NodeCpu>,
 }
 
 /// Runs a bench mode against `settings`' servers.
@@ -233,9 +378,17 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
                 report.acked_per_sec
             );
             println!("send→ack: {}", report.latency);
-            if !report.errors.is_empty() {
-                println!("errors: {:?}", report.errors);
-            }
+            print_tail(&report.errors, report.node_cpu.as_ref());
+            write_report(args.report.as_ref(), &report)
+        }
+        BenchCommand::Ping(args) => {
+            let report = ping(settings, &args).await?;
+            println!(
+                "ping: {} clients: {} answered in {:.1} s = {:.0} pings/s",
+                report.clients, report.answered, report.elapsed_secs, report.answered_per_sec
+            );
+            println!("ping→answer: {}", report.latency);
+            print_tail(&report.errors, report.node_cpu.as_ref());
             write_report(args.report.as_ref(), &report)
         }
         BenchCommand::E2e(args) => {
@@ -250,9 +403,7 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
             );
             println!("send→received: {}", report.received_latency);
             println!("send→ack: {}", report.ack_latency);
-            if !report.errors.is_empty() {
-                println!("errors: {:?}", report.errors);
-            }
+            print_tail(&report.errors, report.node_cpu.as_ref());
             write_report(args.report.as_ref(), &report)
         }
         BenchCommand::Connect(args) => {
@@ -265,6 +416,16 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
             failover::print(&report);
             write_report(args.report.as_ref(), &report)
         }
+    }
+}
+
+/// Prints the errors by kind, if any, and the nodes' CPU, if measured.
+fn print_tail(errors: &BTreeMap<String, u64>, node_cpu: Option<&NodeCpu>) {
+    if !errors.is_empty() {
+        println!("errors: {errors:?}");
+    }
+    if let Some(cpu) = node_cpu {
+        println!("node CPU: {cpu}");
     }
 }
 
@@ -412,60 +573,150 @@ async fn send(settings: &Settings, args: &SendArgs) -> anyhow::Result<SendReport
     );
     let ids = Arc::new(ensure_users(settings, &args.prefix, users).await?);
     let clients = sessions(settings, &args.prefix, args.clients).await?;
-    let tally = Arc::new(Tally::default());
-    let body = vec![b'x'; args.size];
-    let deadline = Instant::now() + args.duration;
-    let quota = args.count.map(|n| Arc::new(AtomicU64::new(n)));
-    let started = Instant::now();
-    let progress = tokio::spawn(progress(tally.clone(), started));
-    let mut tasks = Vec::new();
-    for (i, client) in clients.into_iter().enumerate() {
-        let ids = ids.clone();
-        let tally = tally.clone();
-        let body = body.clone();
-        let quota = quota.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut histogram = new_histogram()?;
-            let mut rng = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let tag = fishchat_client::new_client_msg_id()?;
-            let mut n = 0u64;
-            loop {
-                let more = match &quota {
-                    Some(left) => left
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| q.checked_sub(1))
-                        .is_ok(),
-                    None => Instant::now() < deadline,
-                };
-                if !more {
-                    break;
-                }
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let to = ids[(rng % ids.len() as u64) as usize];
-                n += 1;
-                let sent = Instant::now();
-                let answer = client
-                    .send(to, &format!("{tag}-{n}"), body.clone(), TEXT_PLAIN)
-                    .await;
-                tally.record(sent, answer, &mut histogram);
-            }
-            client.close();
-            anyhow::Ok(histogram)
-        }));
-    }
-    let (histogram, elapsed) = tally.finish(tasks, progress, started).await?;
-    let acked = tally.acked.load(Ordering::Relaxed);
+    let load = Load::Send {
+        ids,
+        body: vec![b'x'; args.size],
+    };
+    let until = match args.count {
+        Some(n) => Until::Count(Arc::new(AtomicU64::new(n))),
+        None => Until::Deadline(Instant::now() + args.duration),
+    };
+    let run = drive(settings, clients, load, until).await?;
     Ok(SendReport {
         mode: "send",
         clients: args.clients,
         users,
         size: args.size,
-        elapsed_secs: elapsed,
-        acked,
-        acked_per_sec: acked as f64 / elapsed.max(1e-9),
-        latency: Latency::of(&histogram),
+        elapsed_secs: run.elapsed,
+        acked: run.answered,
+        acked_per_sec: run.per_sec(),
+        latency: Latency::of(&run.latency),
+        errors: run.errors,
+        node_cpu: run.node_cpu,
+    })
+}
+
+/// `bench ping`.
+async fn ping(settings: &Settings, args: &PingArgs) -> anyhow::Result<PingReport> {
+    if args.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    eprintln!("bench: opening {} connections", args.clients);
+    let mut clients = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        clients.push(Client::connect(config_for(settings, i)?).await?);
+    }
+    let until = Until::Deadline(Instant::now() + args.duration);
+    let run = drive(settings, clients, Load::Ping, until).await?;
+    Ok(PingReport {
+        mode: "ping",
+        clients: args.clients,
+        elapsed_secs: run.elapsed,
+        answered: run.answered,
+        answered_per_sec: run.per_sec(),
+        latency: Latency::of(&run.latency),
+        errors: run.errors,
+        node_cpu: run.node_cpu,
+    })
+}
+
+/// What every client of a closed-loop run asks, one request at a time.
+#[derive(Clone)]
+enum Load {
+    /// A message of `body` to a random user of `ids`.
+    Send { ids: Arc<Vec<u64>>, body: Vec<u8> },
+    /// A ping.
+    Ping,
+}
+
+/// When a closed-loop run stops.
+#[derive(Clone)]
+enum Until {
+    /// At this time.
+    Deadline(Instant),
+    /// After this many more requests, all clients together.
+    Count(Arc<AtomicU64>),
+}
+
+impl Until {
+    /// Whether another request may start; takes one from a count.
+    fn another(&self) -> bool {
+        match self {
+            Until::Deadline(deadline) => Instant::now() < *deadline,
+            Until::Count(left) => left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| q.checked_sub(1))
+                .is_ok(),
+        }
+    }
+}
+
+/// What a closed-loop run measured.
+struct Run {
+    elapsed: f64,
+    answered: u64,
+    latency: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+    node_cpu: Option<NodeCpu>,
+}
+
+impl Run {
+    fn per_sec(&self) -> f64 {
+        self.answered as f64 / self.elapsed.max(1e-9)
+    }
+}
+
+/// Runs `load` on every client, each waiting for every answer before its
+/// next request, until `until`; closes the clients.
+async fn drive(
+    settings: &Settings,
+    clients: Vec<Client>,
+    load: Load,
+    until: Until,
+) -> anyhow::Result<Run> {
+    let tally = Arc::new(Tally::default());
+    let meter = CpuMeter::start(settings).await;
+    let started = Instant::now();
+    let progress = tokio::spawn(progress(tally.clone(), started));
+    let mut tasks = Vec::new();
+    for (i, client) in clients.into_iter().enumerate() {
+        let (tally, load, until) = (tally.clone(), load.clone(), until.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = new_histogram()?;
+            let mut rng = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let tag = fishchat_client::new_client_msg_id()?;
+            let mut n = 0u64;
+            while until.another() {
+                n += 1;
+                let sent = Instant::now();
+                match &load {
+                    Load::Send { ids, body } => {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let to = ids[(rng % ids.len() as u64) as usize];
+                        let answer = client
+                            .send(to, &format!("{tag}-{n}"), body.clone(), TEXT_PLAIN)
+                            .await;
+                        tally.record(sent, answer, &mut histogram);
+                    }
+                    Load::Ping => {
+                        let answer = client.ping(n).await;
+                        tally.record(sent, answer, &mut histogram);
+                    }
+                }
+            }
+            client.close();
+            anyhow::Ok(histogram)
+        }));
+    }
+    let (latency, elapsed) = tally.finish(tasks, progress, started).await?;
+    let answered = tally.acked.load(Ordering::Relaxed);
+    Ok(Run {
+        elapsed,
+        answered,
+        latency,
         errors: tally.errors(),
+        node_cpu: meter.finish(settings, elapsed, answered).await,
     })
 }
 
@@ -524,6 +775,7 @@ async fn e2e(settings: &Settings, args: &E2eArgs) -> anyhow::Result<E2eReport> {
     let tally = Arc::new(Tally::default());
     // Each sender sends every `pairs / rate` seconds, staggered.
     let interval = Duration::from_secs_f64(pairs as f64 / args.rate as f64);
+    let meter = CpuMeter::start(settings).await;
     let started = Instant::now();
     let progress = tokio::spawn(progress(tally.clone(), started));
     let mut tasks = Vec::new();
@@ -552,6 +804,7 @@ async fn e2e(settings: &Settings, args: &E2eArgs) -> anyhow::Result<E2eReport> {
     }
     let (acks, elapsed) = tally.finish(tasks, progress, started).await?;
     let acked = tally.acked.load(Ordering::Relaxed);
+    let node_cpu = meter.finish(settings, elapsed, acked).await;
     // Give the last notifications a moment to arrive.
     let settle = Instant::now() + Duration::from_secs(5);
     while received.lock().unwrap_or_else(|p| p.into_inner()).len() < acked
@@ -577,6 +830,7 @@ async fn e2e(settings: &Settings, args: &E2eArgs) -> anyhow::Result<E2eReport> {
         received_latency: Latency::of(&received),
         ack_latency: Latency::of(&acks),
         errors: tally.errors(),
+        node_cpu,
     })
 }
 
@@ -630,6 +884,47 @@ mod tests {
         assert_eq!(stamped(5).len(), 21, "the stamp fits whatever the size");
         assert_eq!(stamp_of(b"not a stamp at all, no"), None);
         assert_eq!(stamp_of(b"short"), None);
+    }
+
+    #[test]
+    fn unlabelled_metrics_are_read_by_exact_name() {
+        let text = "# HELP fishchat_client_sessions_bound x\n\
+                    fishchat_client_sessions_bound 42\n\
+                    fishchat_client_sessions_bound_total 7\n\
+                    fishchat_process_cpu_seconds_total 12.5\n";
+        assert_eq!(metric(text, "fishchat_client_sessions_bound"), Some(42));
+        assert_eq!(
+            metric(text, "fishchat_process_cpu_seconds_total"),
+            Some(12.5)
+        );
+        assert_eq!(metric::<i64>(text, "fishchat_missing"), None);
+        assert_eq!(
+            metric::<i64>(text, "fishchat_process_cpu_seconds_total"),
+            None,
+            "a fraction is not an integer"
+        );
+    }
+
+    #[test]
+    fn node_cpu_is_the_growth_over_the_run_per_answered_request() {
+        let cpu = NodeCpu::between(100.0, 130.0, 20.0, 15_000).expect("figures");
+        assert_eq!(cpu.seconds, 30.0);
+        assert_eq!(cpu.cores_busy, 1.5);
+        assert_eq!(cpu.ms_per_1000_requests, 2000.0);
+        assert_eq!(NodeCpu::between(100.0, 130.0, 20.0, 0), None);
+        assert_eq!(
+            NodeCpu::between(130.0, 100.0, 20.0, 10),
+            None,
+            "a node restarted: its total went down"
+        );
+    }
+
+    #[test]
+    fn a_count_lets_exactly_that_many_requests_start() {
+        let until = Until::Count(Arc::new(AtomicU64::new(3)));
+        let started = (0..10).filter(|_| until.another()).count();
+        assert_eq!(started, 3);
+        assert!(!Until::Deadline(Instant::now()).another());
     }
 
     #[test]

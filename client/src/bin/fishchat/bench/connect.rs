@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{config_for, ensure_users, parse_duration, sessions};
+use super::{config_for, ensure_users, metric, parse_duration, sessions};
 use crate::settings::Settings;
 use crate::status;
 
@@ -276,14 +276,6 @@ async fn metrics(settings: &Settings) -> anyhow::Result<Vec<(String, Sample)>> {
     Ok(samples)
 }
 
-/// The value of an unlabelled metric in an OpenMetrics text.
-fn metric(text: &str, name: &str) -> Option<i64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
-
 /// Prints how many connections are open every second until aborted.
 async fn progress(opened: Arc<AtomicU64>, failed: Arc<AtomicU64>, started: Instant) {
     loop {
@@ -300,20 +292,6 @@ async fn progress(opened: Arc<AtomicU64>, failed: Arc<AtomicU64>, started: Insta
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unlabelled_metrics_are_read_by_exact_name() {
-        let text = "# HELP fishchat_client_sessions_bound x\n\
-                    fishchat_client_sessions_bound 42\n\
-                    fishchat_client_sessions_bound_total 7\n\
-                    fishchat_process_resident_bytes 1048576\n";
-        assert_eq!(metric(text, "fishchat_client_sessions_bound"), Some(42));
-        assert_eq!(
-            metric(text, "fishchat_process_resident_bytes"),
-            Some(1_048_576)
-        );
-        assert_eq!(metric(text, "fishchat_missing"), None);
-    }
 
     #[test]
     fn memory_per_session_is_growth_over_added_sessions() {
