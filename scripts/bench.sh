@@ -85,8 +85,8 @@ done
 python3 - "$out" $levels <<'PY' | tee "$out/table.md"
 import json, re, sys
 out, levels = sys.argv[1], sys.argv[2:]
-print("| senders | FishChat msgs/s | etcd puts/s | ratio | FishChat p50 ms | etcd p50 ms | ratio | FishChat p99 ms | etcd p99 ms | ratio | FishChat node CPU ms per 1,000 msgs |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| senders | FishChat msgs/s | etcd puts/s | ratio | FishChat p50 ms | etcd p50 ms | ratio | FishChat p99 ms | etcd p99 ms | ratio | FishChat node CPU ms per 1,000 msgs | FishChat entries applied per msg | FishChat append RPCs per msg |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 rows = []
 for c in levels:
     f = json.load(open(f"{out}/fishchat-{c}.json"))
@@ -95,9 +95,10 @@ for c in levels:
     ef, ep50, ep99 = num("ops/s"), num("p50"), num("p99")
     ff, fp50, fp99 = f["acked_per_sec"], f["latency"]["p50_ms"], f["latency"]["p99_ms"]
     r = lambda a, b: f"{a / b:.2f}" if b else "-"
-    cpu = f.get("node_cpu")
-    fc = f"{cpu['ms_per_1000_requests']:.0f}" if cpu else "-"
-    print(f"| {c} | {ff:.0f} | {ef:.0f} | {r(ff, ef)} | {fp50:.2f} | {ep50:.2f} | {r(fp50, ep50)} | {fp99:.2f} | {ep99:.2f} | {r(fp99, ep99)} | {fc} |")
+    w = f.get("nodes")
+    fw = lambda key, fmt: format(w[key], fmt) if w else "-"
+    print(f"| {c} | {ff:.0f} | {ef:.0f} | {r(ff, ef)} | {fp50:.2f} | {ep50:.2f} | {r(fp50, ep50)} | {fp99:.2f} | {ep99:.2f} | {r(fp99, ep99)} "
+          f"| {fw('cpu_ms_per_1000_requests', '.0f')} | {fw('applies_per_request', '.2f')} | {fw('append_rpcs_per_request', '.2f')} |")
 PY
 
 if [ "$sessions" -gt 0 ]; then

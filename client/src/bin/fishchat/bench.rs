@@ -26,12 +26,14 @@
 //! - `failover`: steady sends to one shard while its leader is killed,
 //!   repeatedly: the longest time without an acknowledgement.
 //!
-//! `send`, `ping` and `e2e` also report the CPU time the nodes used while
-//! they ran (from each node's `/metrics`, on the admin port beside its
-//! client port): the cores they kept busy and the milliseconds of node CPU
-//! per 1,000 answered requests. On a machine the nodes share with the load
-//! generator and a disk whose speed wanders, CPU per request is steadier
-//! than requests per second. Without admin access the figures are left out.
+//! `send`, `ping` and `e2e` also report the work the nodes did while they
+//! ran, from each node's `/metrics` (on the admin port beside its client
+//! port) before and after: the cores they kept busy, the milliseconds of
+//! node CPU per 1,000 answered requests, and per request the Raft entries
+//! applied (every replica counted), the append RPCs between nodes and the
+//! WAL syncs. On a machine the nodes share with the load generator and a
+//! disk whose speed wanders, these are steadier than requests per second.
+//! Without admin access they are left out.
 //!
 //! The users are `<prefix>0`, `<prefix>1`, …: registered when missing, so
 //! runs one after another reuse them (registration hashes a password, which
@@ -221,7 +223,7 @@ pub struct SendReport {
     /// Failed sends by error kind (a server code, or the client's kind).
     pub errors: BTreeMap<String, u64>,
     /// CPU the nodes used meanwhile (absent without admin access).
-    pub node_cpu: Option<NodeCpu>,
+    pub nodes: Option<NodeWork>,
 }
 
 /// What `bench ping` measured.
@@ -242,90 +244,144 @@ pub struct PingReport {
     /// Failed pings by error kind.
     pub errors: BTreeMap<String, u64>,
     /// CPU the nodes used meanwhile (absent without admin access).
-    pub node_cpu: Option<NodeCpu>,
+    pub nodes: Option<NodeWork>,
 }
 
-/// CPU time the nodes used while a mode ran.
+/// The work the nodes did while a mode ran, from their `/metrics`.
 #[derive(Debug, Serialize, PartialEq)]
-pub struct NodeCpu {
+pub struct NodeWork {
     /// CPU seconds of all nodes together.
-    pub seconds: f64,
+    pub cpu_seconds: f64,
     /// Cores they kept busy on average.
     pub cores_busy: f64,
     /// Milliseconds of node CPU per 1,000 answered requests.
-    pub ms_per_1000_requests: f64,
+    pub cpu_ms_per_1000_requests: f64,
+    /// Raft entries applied per answered request, every replica counted.
+    pub applies_per_request: f64,
+    /// Append RPCs between nodes per answered request (heartbeats included).
+    pub append_rpcs_per_request: f64,
+    /// WAL syncs per answered request, all nodes together.
+    pub wal_syncs_per_request: f64,
 }
 
-impl NodeCpu {
-    /// The figures for `before` and `after` (CPU seconds of all nodes),
-    /// over `elapsed` seconds that answered `requests`. None when nothing
-    /// was answered or the total went down (a node restarted meanwhile).
-    fn between(before: f64, after: f64, elapsed: f64, requests: u64) -> Option<Self> {
-        let seconds = after - before;
-        if requests == 0 || seconds < 0.0 || elapsed <= 0.0 {
+impl NodeWork {
+    /// The figures for the totals `before` and `after` a run of `elapsed`
+    /// seconds that answered `requests`. None when nothing was answered or
+    /// a total went down (a node restarted meanwhile).
+    fn between(before: NodeTotals, after: NodeTotals, elapsed: f64, requests: u64) -> Option<Self> {
+        let grew = |a: f64, b: f64| (b >= a).then_some(b - a);
+        let cpu = grew(before.cpu_seconds, after.cpu_seconds)?;
+        let applied = grew(before.applied, after.applied)?;
+        let rpcs = grew(before.append_rpcs, after.append_rpcs)?;
+        let syncs = grew(before.wal_syncs, after.wal_syncs)?;
+        if requests == 0 || elapsed <= 0.0 {
             return None;
         }
+        let per = |total: f64| total / requests as f64;
         Some(Self {
-            seconds,
-            cores_busy: seconds / elapsed,
-            ms_per_1000_requests: seconds * 1_000_000.0 / requests as f64,
+            cpu_seconds: cpu,
+            cores_busy: cpu / elapsed,
+            cpu_ms_per_1000_requests: per(cpu) * 1_000_000.0,
+            applies_per_request: per(applied),
+            append_rpcs_per_request: per(rpcs),
+            wal_syncs_per_request: per(syncs),
         })
     }
 }
 
-impl std::fmt::Display for NodeCpu {
+impl std::fmt::Display for NodeWork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.1} s in all, {:.2} cores busy, {:.0} ms per 1,000 requests",
-            self.seconds, self.cores_busy, self.ms_per_1000_requests
+            "CPU {:.1} s, {:.2} cores busy, {:.0} ms per 1,000 requests; per request: \
+             {:.2} entries applied, {:.2} append RPCs, {:.2} WAL syncs",
+            self.cpu_seconds,
+            self.cores_busy,
+            self.cpu_ms_per_1000_requests,
+            self.applies_per_request,
+            self.append_rpcs_per_request,
+            self.wal_syncs_per_request
         )
     }
 }
 
-/// Reads the nodes' CPU time before a run and again after it.
-struct CpuMeter {
-    before: Option<f64>,
+/// Counters of every node added up.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct NodeTotals {
+    cpu_seconds: f64,
+    applied: f64,
+    append_rpcs: f64,
+    wal_syncs: f64,
 }
 
-impl CpuMeter {
-    /// Takes the first reading; without one, the run reports no CPU.
+impl NodeTotals {
+    /// Adds one node's `/metrics` text; an error names what it lacks.
+    fn add(&mut self, text: &str) -> Result<(), &'static str> {
+        self.cpu_seconds += metric::<f64>(text, "fishchat_process_cpu_seconds_total")
+            .ok_or("no fishchat_process_cpu_seconds_total")?;
+        self.append_rpcs += metric::<f64>(text, "fishchat_peer_append_rpcs_total")
+            .ok_or("no fishchat_peer_append_rpcs_total")?;
+        self.wal_syncs +=
+            metric::<f64>(text, "fishchat_wal_syncs_total").ok_or("no fishchat_wal_syncs_total")?;
+        self.applied += labelled_sum(text, "fishchat_shard_applied_index");
+        Ok(())
+    }
+}
+
+/// Reads the nodes' counters before a run and again after it.
+struct WorkMeter {
+    before: Option<NodeTotals>,
+}
+
+impl WorkMeter {
+    /// Takes the first reading; without one, the run reports no node work.
     async fn start(settings: &Settings) -> Self {
-        let before = match nodes_cpu_seconds(settings).await {
-            Ok(seconds) => Some(seconds),
+        let before = match node_totals(settings).await {
+            Ok(totals) => Some(totals),
             Err(e) => {
-                eprintln!("bench: node CPU not measured: {e:#}");
+                eprintln!("bench: node work not measured: {e:#}");
                 None
             }
         };
         Self { before }
     }
 
-    /// Takes the second reading: the CPU of a run of `elapsed` seconds
+    /// Takes the second reading: the work of a run of `elapsed` seconds
     /// that answered `requests`.
-    async fn finish(self, settings: &Settings, elapsed: f64, requests: u64) -> Option<NodeCpu> {
+    async fn finish(self, settings: &Settings, elapsed: f64, requests: u64) -> Option<NodeWork> {
         let before = self.before?;
-        match nodes_cpu_seconds(settings).await {
-            Ok(after) => NodeCpu::between(before, after, elapsed, requests),
+        match node_totals(settings).await {
+            Ok(after) => NodeWork::between(before, after, elapsed, requests),
             Err(e) => {
-                eprintln!("bench: node CPU not measured: {e:#}");
+                eprintln!("bench: node work not measured: {e:#}");
                 None
             }
         }
     }
 }
 
-/// CPU seconds used so far by every node in `settings`, added up.
-async fn nodes_cpu_seconds(settings: &Settings) -> anyhow::Result<f64> {
-    let mut total = 0.0;
+/// The counters of every node in `settings`, added up.
+async fn node_totals(settings: &Settings) -> anyhow::Result<NodeTotals> {
+    let mut totals = NodeTotals::default();
     for server in &settings.servers {
         let admin = status::admin_address(server)?;
         let text = status::fetch_path(&admin, "/metrics").await?;
-        let seconds: f64 = metric(&text, "fishchat_process_cpu_seconds_total")
-            .with_context(|| format!("{admin}/metrics has no CPU time"))?;
-        total += seconds;
+        totals
+            .add(&text)
+            .map_err(|lack| anyhow::anyhow!("{admin}/metrics has {lack}"))?;
     }
-    Ok(total)
+    Ok(totals)
+}
+
+/// The sum of a labelled metric's values (`name{...} value` lines).
+fn labelled_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+            let (_, value) = rest.split_once("} ")?;
+            value.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
 }
 
 /// The value of an unlabelled metric in an OpenMetrics text.
@@ -360,7 +416,7 @@ pub struct E2eReport {
     /// Failed sends by error kind.
     pub errors: BTreeMap<String, u64>,
     /// CPU the nodes used meanwhile (absent without admin access).
-    pub node_cpu: Option<NodeCpu>,
+    pub nodes: Option<NodeWork>,
 }
 
 /// Runs a bench mode against `settings`' servers.
@@ -378,7 +434,7 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
                 report.acked_per_sec
             );
             println!("send→ack: {}", report.latency);
-            print_tail(&report.errors, report.node_cpu.as_ref());
+            print_tail(&report.errors, report.nodes.as_ref());
             write_report(args.report.as_ref(), &report)
         }
         BenchCommand::Ping(args) => {
@@ -388,7 +444,7 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
                 report.clients, report.answered, report.elapsed_secs, report.answered_per_sec
             );
             println!("ping→answer: {}", report.latency);
-            print_tail(&report.errors, report.node_cpu.as_ref());
+            print_tail(&report.errors, report.nodes.as_ref());
             write_report(args.report.as_ref(), &report)
         }
         BenchCommand::E2e(args) => {
@@ -403,7 +459,7 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
             );
             println!("send→received: {}", report.received_latency);
             println!("send→ack: {}", report.ack_latency);
-            print_tail(&report.errors, report.node_cpu.as_ref());
+            print_tail(&report.errors, report.nodes.as_ref());
             write_report(args.report.as_ref(), &report)
         }
         BenchCommand::Connect(args) => {
@@ -420,12 +476,12 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
 }
 
 /// Prints the errors by kind, if any, and the nodes' CPU, if measured.
-fn print_tail(errors: &BTreeMap<String, u64>, node_cpu: Option<&NodeCpu>) {
+fn print_tail(errors: &BTreeMap<String, u64>, nodes: Option<&NodeWork>) {
     if !errors.is_empty() {
         println!("errors: {errors:?}");
     }
-    if let Some(cpu) = node_cpu {
-        println!("node CPU: {cpu}");
+    if let Some(work) = nodes {
+        println!("nodes: {work}");
     }
 }
 
@@ -592,7 +648,7 @@ async fn send(settings: &Settings, args: &SendArgs) -> anyhow::Result<SendReport
         acked_per_sec: run.per_sec(),
         latency: Latency::of(&run.latency),
         errors: run.errors,
-        node_cpu: run.node_cpu,
+        nodes: run.nodes,
     })
 }
 
@@ -616,7 +672,7 @@ async fn ping(settings: &Settings, args: &PingArgs) -> anyhow::Result<PingReport
         answered_per_sec: run.per_sec(),
         latency: Latency::of(&run.latency),
         errors: run.errors,
-        node_cpu: run.node_cpu,
+        nodes: run.nodes,
     })
 }
 
@@ -656,7 +712,7 @@ struct Run {
     answered: u64,
     latency: Histogram<u64>,
     errors: BTreeMap<String, u64>,
-    node_cpu: Option<NodeCpu>,
+    nodes: Option<NodeWork>,
 }
 
 impl Run {
@@ -674,7 +730,7 @@ async fn drive(
     until: Until,
 ) -> anyhow::Result<Run> {
     let tally = Arc::new(Tally::default());
-    let meter = CpuMeter::start(settings).await;
+    let meter = WorkMeter::start(settings).await;
     let started = Instant::now();
     let progress = tokio::spawn(progress(tally.clone(), started));
     let mut tasks = Vec::new();
@@ -716,7 +772,7 @@ async fn drive(
         answered,
         latency,
         errors: tally.errors(),
-        node_cpu: meter.finish(settings, elapsed, answered).await,
+        nodes: meter.finish(settings, elapsed, answered).await,
     })
 }
 
@@ -775,7 +831,7 @@ async fn e2e(settings: &Settings, args: &E2eArgs) -> anyhow::Result<E2eReport> {
     let tally = Arc::new(Tally::default());
     // Each sender sends every `pairs / rate` seconds, staggered.
     let interval = Duration::from_secs_f64(pairs as f64 / args.rate as f64);
-    let meter = CpuMeter::start(settings).await;
+    let meter = WorkMeter::start(settings).await;
     let started = Instant::now();
     let progress = tokio::spawn(progress(tally.clone(), started));
     let mut tasks = Vec::new();
@@ -804,7 +860,7 @@ async fn e2e(settings: &Settings, args: &E2eArgs) -> anyhow::Result<E2eReport> {
     }
     let (acks, elapsed) = tally.finish(tasks, progress, started).await?;
     let acked = tally.acked.load(Ordering::Relaxed);
-    let node_cpu = meter.finish(settings, elapsed, acked).await;
+    let nodes = meter.finish(settings, elapsed, acked).await;
     // Give the last notifications a moment to arrive.
     let settle = Instant::now() + Duration::from_secs(5);
     while received.lock().unwrap_or_else(|p| p.into_inner()).len() < acked
@@ -830,7 +886,7 @@ async fn e2e(settings: &Settings, args: &E2eArgs) -> anyhow::Result<E2eReport> {
         received_latency: Latency::of(&received),
         ack_latency: Latency::of(&acks),
         errors: tally.errors(),
-        node_cpu,
+        nodes,
     })
 }
 
@@ -906,16 +962,59 @@ mod tests {
     }
 
     #[test]
-    fn node_cpu_is_the_growth_over_the_run_per_answered_request() {
-        let cpu = NodeCpu::between(100.0, 130.0, 20.0, 15_000).expect("figures");
-        assert_eq!(cpu.seconds, 30.0);
-        assert_eq!(cpu.cores_busy, 1.5);
-        assert_eq!(cpu.ms_per_1000_requests, 2000.0);
-        assert_eq!(NodeCpu::between(100.0, 130.0, 20.0, 0), None);
+    fn node_work_is_the_growth_over_the_run_per_answered_request() {
+        let before = NodeTotals {
+            cpu_seconds: 100.0,
+            applied: 1_000.0,
+            append_rpcs: 50.0,
+            wal_syncs: 10.0,
+        };
+        let after = NodeTotals {
+            cpu_seconds: 130.0,
+            applied: 31_000.0,
+            append_rpcs: 15_050.0,
+            wal_syncs: 7_510.0,
+        };
+        let work = NodeWork::between(before, after, 20.0, 15_000).expect("figures");
+        assert_eq!(work.cpu_seconds, 30.0);
+        assert_eq!(work.cores_busy, 1.5);
+        assert_eq!(work.cpu_ms_per_1000_requests, 2000.0);
+        assert_eq!(work.applies_per_request, 2.0);
+        assert_eq!(work.append_rpcs_per_request, 1.0);
+        assert_eq!(work.wal_syncs_per_request, 0.5);
+        assert_eq!(NodeWork::between(before, after, 20.0, 0), None);
         assert_eq!(
-            NodeCpu::between(130.0, 100.0, 20.0, 10),
+            NodeWork::between(after, before, 20.0, 10),
             None,
-            "a node restarted: its total went down"
+            "a node restarted: its totals went down"
+        );
+    }
+
+    #[test]
+    fn a_node_s_totals_come_from_its_metrics_and_a_missing_counter_is_named() {
+        let text = "# TYPE fishchat_shard_applied_index gauge\n\
+                    fishchat_shard_applied_index{shard=\"0\"} 40\n\
+                    fishchat_shard_applied_index{shard=\"1\"} 2\n\
+                    fishchat_shard_applied_index_other 1000\n\
+                    fishchat_wal_syncs_total 7\n\
+                    fishchat_peer_append_rpcs_total 9\n\
+                    fishchat_process_cpu_seconds_total 1.5\n";
+        let mut totals = NodeTotals::default();
+        totals.add(text).expect("every counter");
+        totals.add(text).expect("every counter");
+        assert_eq!(
+            totals,
+            NodeTotals {
+                cpu_seconds: 3.0,
+                applied: 84.0,
+                append_rpcs: 18.0,
+                wal_syncs: 14.0,
+            }
+        );
+        let without_cpu = text.replace("fishchat_process_cpu_seconds_total 1.5\n", "");
+        assert_eq!(
+            NodeTotals::default().add(&without_cpu),
+            Err("no fishchat_process_cpu_seconds_total")
         );
     }
 
