@@ -251,12 +251,12 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     let peer_appends = Counter::<u64>::default();
     registry.register(
         "peer_append_rpcs",
-        "Append RPCs sent to peers (one may carry several groups' appends)",
+        "Append exchanges with peers: Append requests and AppendStream messages (one may carry several groups' appends)",
         peer_append_rpcs.clone(),
     );
     registry.register(
         "peer_appends",
-        "Raft appends those RPCs carried",
+        "Raft appends those exchanges carried",
         peer_appends.clone(),
     );
     let peers = state.host.peer_stats();

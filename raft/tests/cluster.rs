@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use anyhow::Context;
 use common::{assert_holds_writes, test_timing, write, write_many, written, Cluster, COUNT_KEY};
 use fishchat_proto::peer::raft_peer_client::RaftPeerClient;
 use fishchat_proto::peer::{peer_error, raft_reply, RaftMessage, RaftMessages};
@@ -83,7 +84,7 @@ async fn sixteen_groups_replicate_twenty_thousand_writes_identically_on_three_ho
     let peers = cluster.host(leader)?.peer_stats();
     assert!(
         peers.appends_per_rpc() > 1.0,
-        "appends of several groups to one peer share RPCs (got {:.2} per RPC)",
+        "appends of several groups to one peer share stream messages (got {:.2} per message)",
         peers.appends_per_rpc()
     );
     cluster.shutdown().await;
@@ -482,41 +483,63 @@ async fn garbage_on_the_peer_port_gets_an_error_and_groups_keep_serving() -> any
         }
     }
 
-    // The same cases in one batch: each refused alike, in order.
-    let batch = cases
+    // The same cases as one message of an append stream: each refused
+    // alike, in order, and the stream stays open for the next message.
+    let batch: Vec<RaftMessage> = cases
         .iter()
         .map(|(group_id, payload, _)| RaftMessage {
             group_id: *group_id,
             payload: payload.clone(),
         })
         .collect();
-    let replies = client
-        .append_batch(RaftMessages { messages: batch })
+    let (outgoing, queued) = tokio::sync::mpsc::channel(1);
+    let mut answers = client
+        .append_stream(tokio_stream::wrappers::ReceiverStream::new(queued))
         .await?
-        .into_inner()
-        .replies;
-    assert_eq!(replies.len(), cases.len(), "one reply per message");
-    for (reply, (_, _, expected)) in replies.into_iter().zip(&cases) {
-        match reply.result {
-            Some(raft_reply::Result::Error(e)) => assert_eq!(e.code, *expected as i32),
-            other => panic!("expected a {expected:?} refusal in the batch, got {other:?}"),
+        .into_inner();
+    for round in 0..2 {
+        outgoing
+            .send(RaftMessages {
+                messages: batch.clone(),
+            })
+            .await?;
+        let replies = answers
+            .message()
+            .await?
+            .context("the stream answers every message")?
+            .replies;
+        assert_eq!(
+            replies.len(),
+            cases.len(),
+            "one reply per append, round {round}"
+        );
+        for (reply, (_, _, expected)) in replies.into_iter().zip(&cases) {
+            match reply.result {
+                Some(raft_reply::Result::Error(e)) => assert_eq!(e.code, *expected as i32),
+                other => panic!("expected a {expected:?} refusal in the batch, got {other:?}"),
+            }
         }
     }
-    // A batch beyond the limit is refused whole.
+    // A message beyond the limit is refused, and ends the stream.
     let oversized = (0..65)
         .map(|_| RaftMessage {
             group_id: 4242,
             payload: Vec::new(),
         })
         .collect();
-    let refused = client
-        .append_batch(RaftMessages {
+    outgoing
+        .send(RaftMessages {
             messages: oversized,
         })
-        .await;
+        .await?;
+    let refused = answers.message().await;
     assert!(
         matches!(&refused, Err(status) if status.code() == tonic::Code::InvalidArgument),
         "{refused:?}"
+    );
+    assert!(
+        matches!(answers.message().await, Ok(None) | Err(_)),
+        "nothing follows a refused message"
     );
 
     let before: BTreeMap<_, _> = cluster

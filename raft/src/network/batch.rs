@@ -1,30 +1,34 @@
-//! Appends to one peer, batched across groups.
+//! Appends to one peer, batched across groups, over one stream.
 //!
 //! Every group replicates to a peer on its own, so with many groups a busy
-//! node sends many small append RPCs to each peer, each with its own HTTP/2
-//! stream, headers and wake-ups. Here one small-append RPC to a peer is
-//! unanswered at a time ([`IN_FLIGHT`]); small appends that arrive meanwhile
-//! wait and go together, as one `AppendBatch` RPC, when it is answered. An
-//! append that finds the peer idle goes at once, alone, so a quiet cluster
-//! waits for nothing. A large append (a follower catching up) goes on its
-//! own RPC at once, so it never holds up other groups' appends and
-//! heartbeats. The receiver hands each message to its group as if it had
-//! come alone and answers them in order.
+//! node sends many small appends to each peer. They all travel on one
+//! long-lived `AppendStream` per peer: a stream message costs an HTTP/2
+//! data frame, where a request of its own would cost a new HTTP/2 stream,
+//! headers both ways, trailers and a task on the receiver. One message is
+//! unanswered at a time; small appends that arrive meanwhile wait and go
+//! together in the next message when it is answered. An append that finds
+//! the stream idle goes at once, alone, so a quiet cluster waits for
+//! nothing. A large append (a follower catching up) goes as an `Append`
+//! request of its own at once, so it never holds up other groups' appends
+//! and heartbeats. The receiver hands each append of a message to its
+//! group as if it had come alone and answers them in order.
+//!
+//! A message not answered within the shortest deadline of its appends, or
+//! a stream that breaks, fails every append it carried (openraft retries
+//! them) and closes the stream; the next message opens a new one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fishchat_proto::peer::raft_peer_client::RaftPeerClient;
-use fishchat_proto::peer::{RaftMessage, RaftMessages, RaftReply};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use fishchat_proto::peer::{RaftMessage, RaftMessages, RaftReplies, RaftReply};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
-use tonic::Status;
+use tonic::{Status, Streaming};
 
-/// Small-append RPCs to one peer that may be unanswered at once (1, 2 and
-/// 4 measured: docs/decisions.md, "Appends to a peer share RPCs").
-pub(crate) const IN_FLIGHT: usize = 1;
-/// Most messages in one batch; a receiver refuses more.
+/// Most appends in one stream message; a receiver refuses more.
 pub(crate) const MAX_BATCH: usize = 64;
 /// An append with a larger payload goes alone, at once.
 const SMALL_APPEND_BYTES: usize = 64 * 1024;
@@ -36,14 +40,15 @@ const QUEUE: usize = 1024;
 /// Counters an operator (or a test) reads to see appends batched.
 #[derive(Debug, Default)]
 pub struct PeerStats {
-    /// Append RPCs sent to peers (`Append` and `AppendBatch`).
+    /// Append exchanges with peers: `Append` requests and `AppendStream`
+    /// messages.
     pub append_rpcs: AtomicU64,
-    /// Appends those RPCs carried.
+    /// Appends those exchanges carried.
     pub appends: AtomicU64,
 }
 
 impl PeerStats {
-    /// Average number of appends one RPC carried.
+    /// Average number of appends one exchange carried.
     pub fn appends_per_rpc(&self) -> f64 {
         let rpcs = self.append_rpcs.load(Ordering::Relaxed);
         if rpcs == 0 {
@@ -97,7 +102,7 @@ impl AppendQueue {
         };
         if queued.message.payload.len() > SMALL_APPEND_BYTES {
             count(&self.stats, 1);
-            send(self.client.clone(), vec![queued]).await;
+            send_alone(self.client.clone(), queued).await;
             return reply
                 .await
                 .map_err(|_| Status::unavailable("the append was dropped unsent"))?;
@@ -112,17 +117,14 @@ impl AppendQueue {
     }
 }
 
-/// Takes the waiting appends whenever a slot is free and sends them.
+/// Takes the waiting appends whenever the stream is free and sends them.
 async fn pump(
     client: RaftPeerClient<Channel>,
     mut waiting: mpsc::Receiver<Queued>,
     stats: Arc<PeerStats>,
 ) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut stream = None;
     while let Some(first) = waiting.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let mut bytes = first.message.payload.len();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
@@ -131,11 +133,83 @@ async fn pump(
             batch.push(next);
         }
         count(&stats, batch.len());
-        let client = client.clone();
-        tokio::spawn(async move {
-            send(client, batch).await;
-            drop(slot);
-        });
+        let ttl = batch
+            .iter()
+            .map(|q| q.ttl)
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        let (messages, answers): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|q| (q.message, q.answer)).unzip();
+        let sent = messages.len();
+        let exchange = exchange(&client, &mut stream, RaftMessages { messages });
+        let outcome = match tokio::time::timeout(ttl, exchange).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Status::cancelled(
+                "the peer did not answer the appends in time",
+            )),
+        };
+        match outcome {
+            Ok(replies) if replies.replies.len() == sent => {
+                for (answer, reply) in answers.into_iter().zip(replies.replies) {
+                    let _ = answer.send(Ok(reply));
+                }
+            }
+            Ok(replies) => {
+                stream = None;
+                let status = Status::internal(format!(
+                    "the peer answered {} appends of {sent}",
+                    replies.replies.len()
+                ));
+                fail(answers, &status);
+            }
+            Err(status) => {
+                // The stream may still carry a late answer: never reuse it.
+                stream = None;
+                fail(answers, &status);
+            }
+        }
+    }
+}
+
+/// One open `AppendStream`: where its messages go and where answers come.
+struct AppendStream {
+    outgoing: mpsc::Sender<RaftMessages>,
+    answers: Streaming<RaftReplies>,
+}
+
+/// Sends `messages` on the stream, opening one first if there is none, and
+/// waits for the answer. On an error the caller drops the stream.
+async fn exchange(
+    client: &RaftPeerClient<Channel>,
+    stream: &mut Option<AppendStream>,
+    messages: RaftMessages,
+) -> Result<RaftReplies, Status> {
+    if stream.is_none() {
+        let (outgoing, queued) = mpsc::channel(1);
+        let answers = client
+            .clone()
+            .append_stream(ReceiverStream::new(queued))
+            .await?
+            .into_inner();
+        *stream = Some(AppendStream { outgoing, answers });
+    }
+    let Some(open) = stream.as_mut() else {
+        return Err(Status::internal("the append stream was not opened"));
+    };
+    open.outgoing
+        .send(messages)
+        .await
+        .map_err(|_| Status::unavailable("the append stream to the peer closed"))?;
+    open.answers
+        .message()
+        .await?
+        .ok_or_else(|| Status::unavailable("the peer ended the append stream"))
+}
+
+/// Hands every caller the failure of the exchange that carried its append.
+fn fail(answers: Vec<oneshot::Sender<Result<RaftReply, Status>>>, status: &Status) {
+    for answer in answers {
+        let _ = answer.send(Err(status.clone()));
     }
 }
 
@@ -145,41 +219,10 @@ fn count(stats: &PeerStats, appends: usize) {
     stats.appends.fetch_add(appends as u64, Ordering::Relaxed);
 }
 
-/// Sends one batch (a lone append as a plain `Append`) and hands each
-/// caller its reply, or the failure of the whole call.
-async fn send(mut client: RaftPeerClient<Channel>, mut batch: Vec<Queued>) {
-    let ttl = batch
-        .iter()
-        .map(|q| q.ttl)
-        .min()
-        .unwrap_or(Duration::from_secs(1));
-    if batch.len() == 1 {
-        if let Some(one) = batch.pop() {
-            let mut request = tonic::Request::new(one.message);
-            request.set_timeout(ttl);
-            let reply = client.append(request).await.map(|r| r.into_inner());
-            let _ = one.answer.send(reply);
-        }
-        return;
-    }
-    let (messages, answers): (Vec<_>, Vec<_>) =
-        batch.into_iter().map(|q| (q.message, q.answer)).unzip();
-    let mut request = tonic::Request::new(RaftMessages { messages });
-    request.set_timeout(ttl);
-    match client.append_batch(request).await {
-        Ok(replies) => {
-            let mut replies = replies.into_inner().replies.into_iter();
-            for answer in answers {
-                let reply = replies
-                    .next()
-                    .ok_or_else(|| Status::internal("the peer answered fewer appends than sent"));
-                let _ = answer.send(reply);
-            }
-        }
-        Err(status) => {
-            for answer in answers {
-                let _ = answer.send(Err(status.clone()));
-            }
-        }
-    }
+/// Sends one large append as an `Append` request of its own.
+async fn send_alone(mut client: RaftPeerClient<Channel>, one: Queued) {
+    let mut request = tonic::Request::new(one.message);
+    request.set_timeout(one.ttl);
+    let reply = client.append(request).await.map(|r| r.into_inner());
+    let _ = one.answer.send(reply);
 }

@@ -15,7 +15,9 @@ use futures::future::join_all;
 use openraft::raft::{SnapshotResponse, TransferLeaderRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::{Request, Status};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Status, Streaming};
 
 use super::batch::MAX_BATCH;
 use super::stand::Stand;
@@ -78,12 +80,14 @@ impl GroupTable {
     }
 }
 
-/// The `RaftPeer` gRPC service of one node.
+/// The `RaftPeer` gRPC service of one node. Clones share everything: an
+/// append stream is served by a task of its own.
+#[derive(Clone)]
 pub(crate) struct PeerService {
     local: Arc<LocalGroups>,
-    stand: Stand,
+    stand: Arc<Stand>,
     /// Per group, the snapshot being received, piece by piece.
-    receiving: Mutex<HashMap<GroupId, SnapshotChunk>>,
+    receiving: Arc<Mutex<HashMap<GroupId, SnapshotChunk>>>,
 }
 
 impl PeerService {
@@ -92,8 +96,8 @@ impl PeerService {
     pub(crate) fn new(local: Arc<LocalGroups>, lease: Duration) -> Self {
         Self {
             local,
-            stand: Stand::new(lease),
-            receiving: Mutex::new(HashMap::new()),
+            stand: Arc::new(Stand::new(lease)),
+            receiving: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -109,6 +113,43 @@ impl PeerService {
             outcome
         })
         .await
+    }
+
+    /// Hands each append of one stream message to its group, all at once,
+    /// and answers with their replies in order.
+    async fn append_batch(&self, batch: RaftMessages) -> Result<RaftReplies, Status> {
+        if batch.messages.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} appends in one message; at most {MAX_BATCH}",
+                batch.messages.len()
+            )));
+        }
+        let replies = join_all(batch.messages.into_iter().map(|m| self.append_one(m))).await;
+        Ok(RaftReplies { replies })
+    }
+
+    /// Serves one append stream: reads a message, answers it, reads the
+    /// next, until the sender closes the stream or goes away.
+    async fn serve_append_stream(
+        self,
+        mut incoming: Streaming<RaftMessages>,
+        replies: mpsc::Sender<Result<RaftReplies, Status>>,
+    ) {
+        loop {
+            let batch = match incoming.message().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => return,
+                Err(status) => {
+                    tracing::debug!(%status, "append stream from a peer broke");
+                    return;
+                }
+            };
+            let answer = self.append_batch(batch).await;
+            let refused = answer.is_err();
+            if replies.send(answer).await.is_err() || refused {
+                return;
+            }
+        }
     }
 
     async fn dispatch<Q, P, E, F, Fut>(&self, message: RaftMessage, handle: F) -> RaftReply
@@ -217,19 +258,20 @@ impl RaftPeer for PeerService {
         Ok(tonic::Response::new(reply))
     }
 
-    async fn append_batch(
+    type AppendStreamStream = ReceiverStream<Result<RaftReplies, Status>>;
+
+    async fn append_stream(
         &self,
-        request: Request<RaftMessages>,
-    ) -> Result<tonic::Response<RaftReplies>, Status> {
-        let messages = request.into_inner().messages;
-        if messages.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "{} appends in one batch; at most {MAX_BATCH}",
-                messages.len()
-            )));
-        }
-        let replies = join_all(messages.into_iter().map(|m| self.append_one(m))).await;
-        Ok(tonic::Response::new(RaftReplies { replies }))
+        request: Request<Streaming<RaftMessages>>,
+    ) -> Result<tonic::Response<Self::AppendStreamStream>, Status> {
+        // One answer is out at a time: the sender waits for it before its
+        // next message.
+        let (replies, answers) = mpsc::channel(1);
+        tokio::spawn(
+            self.clone()
+                .serve_append_stream(request.into_inner(), replies),
+        );
+        Ok(tonic::Response::new(ReceiverStream::new(answers)))
     }
 
     async fn vote(
