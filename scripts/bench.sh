@@ -85,7 +85,7 @@ done
 python3 - "$out" $levels <<'PY' | tee "$out/table.md"
 import json, re, sys
 out, levels = sys.argv[1], sys.argv[2:]
-print("| senders | FishChat msgs/s | etcd puts/s | ratio | FishChat p50 ms | etcd p50 ms | ratio | FishChat p99 ms | etcd p99 ms | ratio | FishChat node CPU ms per 1,000 msgs | FishChat entries applied per msg | FishChat append RPCs per msg |")
+print("| senders | FishChat msgs/s | etcd puts/s | ratio | FishChat p50 ms | etcd p50 ms | ratio | FishChat p99 ms | etcd p99 ms | ratio | FishChat node CPU ms per 1,000 msgs | FishChat entries applied per msg | FishChat append exchanges per msg |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 rows = []
 for c in levels:
@@ -98,7 +98,7 @@ for c in levels:
     w = f.get("nodes")
     fw = lambda key, fmt: format(w[key], fmt) if w else "-"
     print(f"| {c} | {ff:.0f} | {ef:.0f} | {r(ff, ef)} | {fp50:.2f} | {ep50:.2f} | {r(fp50, ep50)} | {fp99:.2f} | {ep99:.2f} | {r(fp99, ep99)} "
-          f"| {fw('cpu_ms_per_1000_requests', '.0f')} | {fw('applies_per_request', '.2f')} | {fw('append_rpcs_per_request', '.2f')} |")
+          f"| {fw('cpu_ms_per_1000_requests', '.0f')} | {fw('applies_per_request', '.2f')} | {fw('append_exchanges_per_request', '.2f')} |")
 PY
 
 if [ "$sessions" -gt 0 ]; then

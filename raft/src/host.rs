@@ -180,6 +180,8 @@ struct GroupCounters {
 
 /// The peer server task and the signal that stops it.
 struct PeerServer {
+    /// Ends the append streams peers hold open.
+    closing: watch::Sender<bool>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -230,10 +232,14 @@ impl GroupHost {
                 max_command_bytes: config.max_command_bytes,
             },
         ));
-        let service =
-            RaftPeerServer::new(PeerService::new(local.clone(), config.timing.election_max))
-                .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        let (closing, closing_seen) = watch::channel(false);
+        let service = RaftPeerServer::new(PeerService::new(
+            local.clone(),
+            config.timing.election_max,
+            closing_seen,
+        ))
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let routes = config
             .services
             .clone()
@@ -266,7 +272,11 @@ impl GroupHost {
             opening: tokio::sync::Mutex::new(()),
             counters: Mutex::new(BTreeMap::new()),
             peer_addr,
-            server: Mutex::new(Some(PeerServer { stop, task })),
+            server: Mutex::new(Some(PeerServer {
+                closing,
+                stop,
+                task,
+            })),
             balancer: Mutex::new(balancer),
         })
     }
@@ -603,6 +613,7 @@ impl GroupHost {
             .clear();
         let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(server) = server {
+            server.closing.send_replace(true);
             let _ = server.stop.send(());
             if let Err(e) = server.task.await {
                 tracing::warn!(error = %e, "peer server task failed");

@@ -123,8 +123,22 @@ async fn pump(
     mut waiting: mpsc::Receiver<Queued>,
     stats: Arc<PeerStats>,
 ) {
-    let mut stream = None;
-    while let Some(first) = waiting.recv().await {
+    let mut stream: Option<AppendStream> = None;
+    loop {
+        let first = match stream.as_mut() {
+            // Nothing is unanswered on an idle stream: anything arriving on
+            // it means the peer ended it (it is stopping) or it broke. Drop
+            // it then, so the peer's shutdown need not wait for this end.
+            Some(open) => tokio::select! {
+                next = waiting.recv() => next,
+                _ = open.answers.message() => {
+                    stream = None;
+                    continue;
+                }
+            },
+            None => waiting.recv().await,
+        };
+        let Some(first) = first else { return };
         let mut bytes = first.message.payload.len();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {

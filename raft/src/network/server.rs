@@ -15,7 +15,7 @@ use futures::future::join_all;
 use openraft::raft::{SnapshotResponse, TransferLeaderRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status, Streaming};
 
@@ -88,16 +88,24 @@ pub(crate) struct PeerService {
     stand: Arc<Stand>,
     /// Per group, the snapshot being received, piece by piece.
     receiving: Arc<Mutex<HashMap<GroupId, SnapshotChunk>>>,
+    /// Turns true when the node stops: open append streams end, so the
+    /// server's graceful shutdown does not wait for peers to close them.
+    closing: watch::Receiver<bool>,
 }
 
 impl PeerService {
     /// Serves the groups open in `local`, whose leaders hold a lease of
-    /// `lease` (openraft: election_max).
-    pub(crate) fn new(local: Arc<LocalGroups>, lease: Duration) -> Self {
+    /// `lease` (openraft: election_max), until `closing` turns true.
+    pub(crate) fn new(
+        local: Arc<LocalGroups>,
+        lease: Duration,
+        closing: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             local,
             stand: Arc::new(Stand::new(lease)),
             receiving: Arc::new(Mutex::new(HashMap::new())),
+            closing,
         }
     }
 
@@ -129,14 +137,20 @@ impl PeerService {
     }
 
     /// Serves one append stream: reads a message, answers it, reads the
-    /// next, until the sender closes the stream or goes away.
+    /// next, until the sender closes the stream or goes away, or this node
+    /// stops.
     async fn serve_append_stream(
         self,
         mut incoming: Streaming<RaftMessages>,
         replies: mpsc::Sender<Result<RaftReplies, Status>>,
     ) {
+        let mut closing = self.closing.clone();
         loop {
-            let batch = match incoming.message().await {
+            let next = tokio::select! {
+                next = incoming.message() => next,
+                _ = closing.wait_for(|closing| *closing) => return,
+            };
+            let batch = match next {
                 Ok(Some(batch)) => batch,
                 Ok(None) => return,
                 Err(status) => {

@@ -30,7 +30,7 @@
 //! ran, from each node's `/metrics` (on the admin port beside its client
 //! port) before and after: the cores they kept busy, the milliseconds of
 //! node CPU per 1,000 answered requests, and per request the Raft entries
-//! applied (every replica counted), the append RPCs between nodes and the
+//! applied (every replica counted), the append exchanges between nodes and the
 //! WAL syncs. On a machine the nodes share with the load generator and a
 //! disk whose speed wanders, these are steadier than requests per second.
 //! Without admin access they are left out.
@@ -258,8 +258,9 @@ pub struct NodeWork {
     pub cpu_ms_per_1000_requests: f64,
     /// Raft entries applied per answered request, every replica counted.
     pub applies_per_request: f64,
-    /// Append RPCs between nodes per answered request (heartbeats included).
-    pub append_rpcs_per_request: f64,
+    /// Append exchanges between nodes per answered request: `Append`
+    /// requests and append-stream messages, heartbeats included.
+    pub append_exchanges_per_request: f64,
     /// WAL syncs per answered request, all nodes together.
     pub wal_syncs_per_request: f64,
 }
@@ -272,7 +273,7 @@ impl NodeWork {
         let grew = |a: f64, b: f64| (b >= a).then_some(b - a);
         let cpu = grew(before.cpu_seconds, after.cpu_seconds)?;
         let applied = grew(before.applied, after.applied)?;
-        let rpcs = grew(before.append_rpcs, after.append_rpcs)?;
+        let exchanges = grew(before.append_exchanges, after.append_exchanges)?;
         let syncs = grew(before.wal_syncs, after.wal_syncs)?;
         if requests == 0 || elapsed <= 0.0 {
             return None;
@@ -283,7 +284,7 @@ impl NodeWork {
             cores_busy: cpu / elapsed,
             cpu_ms_per_1000_requests: per(cpu) * 1_000_000.0,
             applies_per_request: per(applied),
-            append_rpcs_per_request: per(rpcs),
+            append_exchanges_per_request: per(exchanges),
             wal_syncs_per_request: per(syncs),
         })
     }
@@ -294,12 +295,12 @@ impl std::fmt::Display for NodeWork {
         write!(
             f,
             "CPU {:.1} s, {:.2} cores busy, {:.0} ms per 1,000 requests; per request: \
-             {:.2} entries applied, {:.2} append RPCs, {:.2} WAL syncs",
+             {:.2} entries applied, {:.2} append exchanges, {:.2} WAL syncs",
             self.cpu_seconds,
             self.cores_busy,
             self.cpu_ms_per_1000_requests,
             self.applies_per_request,
-            self.append_rpcs_per_request,
+            self.append_exchanges_per_request,
             self.wal_syncs_per_request
         )
     }
@@ -310,7 +311,7 @@ impl std::fmt::Display for NodeWork {
 struct NodeTotals {
     cpu_seconds: f64,
     applied: f64,
-    append_rpcs: f64,
+    append_exchanges: f64,
     wal_syncs: f64,
 }
 
@@ -319,7 +320,7 @@ impl NodeTotals {
     fn add(&mut self, text: &str) -> Result<(), &'static str> {
         self.cpu_seconds += metric::<f64>(text, "fishchat_process_cpu_seconds_total")
             .ok_or("no fishchat_process_cpu_seconds_total")?;
-        self.append_rpcs += metric::<f64>(text, "fishchat_peer_append_rpcs_total")
+        self.append_exchanges += metric::<f64>(text, "fishchat_peer_append_rpcs_total")
             .ok_or("no fishchat_peer_append_rpcs_total")?;
         self.wal_syncs +=
             metric::<f64>(text, "fishchat_wal_syncs_total").ok_or("no fishchat_wal_syncs_total")?;
@@ -966,13 +967,13 @@ mod tests {
         let before = NodeTotals {
             cpu_seconds: 100.0,
             applied: 1_000.0,
-            append_rpcs: 50.0,
+            append_exchanges: 50.0,
             wal_syncs: 10.0,
         };
         let after = NodeTotals {
             cpu_seconds: 130.0,
             applied: 31_000.0,
-            append_rpcs: 15_050.0,
+            append_exchanges: 15_050.0,
             wal_syncs: 7_510.0,
         };
         let work = NodeWork::between(before, after, 20.0, 15_000).expect("figures");
@@ -980,7 +981,7 @@ mod tests {
         assert_eq!(work.cores_busy, 1.5);
         assert_eq!(work.cpu_ms_per_1000_requests, 2000.0);
         assert_eq!(work.applies_per_request, 2.0);
-        assert_eq!(work.append_rpcs_per_request, 1.0);
+        assert_eq!(work.append_exchanges_per_request, 1.0);
         assert_eq!(work.wal_syncs_per_request, 0.5);
         assert_eq!(NodeWork::between(before, after, 20.0, 0), None);
         assert_eq!(
@@ -1007,7 +1008,7 @@ mod tests {
             NodeTotals {
                 cpu_seconds: 3.0,
                 applied: 84.0,
-                append_rpcs: 18.0,
+                append_exchanges: 18.0,
                 wal_syncs: 14.0,
             }
         );
