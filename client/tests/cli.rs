@@ -516,29 +516,30 @@ async fn watch_names_a_group_created_before_it_started() {
     assert!(line.ends_with("] [#team] alice: hello"), "{line}");
 }
 
+/// Runs `fishchat bench <args> --report FILE` against `node`, which must
+/// succeed, and returns its output and the JSON report.
+async fn bench(node: &FakeNode, args: &[&str]) -> (Output, serde_json::Value) {
+    let ca = ca_file();
+    let file = tempfile::NamedTempFile::new().expect("report file");
+    let path = file.path().to_str().expect("utf-8 path");
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--report", path]);
+    let run = fishchat(node, ca.path(), "", &all, "").await;
+    assert!(run.status.success(), "{run:?}");
+    let report = std::fs::read(file.path()).expect("read report");
+    (run, serde_json::from_slice(&report).expect("a JSON report"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_send_with_a_count_sends_exactly_that_many_distinct_messages() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;
-    let ca = ca_file();
-    let report = tempfile::NamedTempFile::new().expect("report file");
-    let path = report.path().to_str().expect("utf-8 path");
-    let args = [
-        "bench",
-        "send",
-        "--clients",
-        "2",
-        "--count",
-        "9",
-        "--users",
-        "3",
-        "--report",
-        path,
-    ];
-    let run = fishchat(&node, ca.path(), "", &args, "").await;
-    assert!(run.status.success(), "{run:?}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(report.path()).expect("read report")).expect("JSON");
+    let (_, report) = bench(
+        &node,
+        &["send", "--clients", "2", "--count", "9", "--users", "3"],
+    )
+    .await;
     assert_eq!(report["mode"], "send");
     assert_eq!(report["acked"], 9);
     assert_eq!(report["latency"]["count"], 9);
@@ -556,25 +557,9 @@ async fn bench_send_with_a_count_sends_exactly_that_many_distinct_messages() {
 async fn bench_ping_reports_the_pings_the_node_answered() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;
-    let ca = ca_file();
-    let report = tempfile::NamedTempFile::new().expect("report file");
-    let path = report.path().to_str().expect("utf-8 path");
-    let args = [
-        "bench",
-        "ping",
-        "--clients",
-        "2",
-        "--duration",
-        "300ms",
-        "--report",
-        path,
-    ];
-    let run = fishchat(&node, ca.path(), "", &args, "").await;
-    assert!(run.status.success(), "{run:?}");
+    let (run, report) = bench(&node, &["ping", "--clients", "2", "--duration", "300ms"]).await;
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.starts_with("ping: 2 clients: "), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(report.path()).expect("read report")).expect("JSON");
     assert_eq!(report["mode"], "ping");
     let answered = report["answered"].as_u64().expect("a count");
     assert!(answered > 0, "{report}");

@@ -198,17 +198,17 @@ async fn exchange(
     stream: &mut Option<AppendStream>,
     messages: RaftMessages,
 ) -> Result<RaftReplies, Status> {
-    if stream.is_none() {
-        let (outgoing, queued) = mpsc::channel(1);
-        let answers = client
-            .clone()
-            .append_stream(ReceiverStream::new(queued))
-            .await?
-            .into_inner();
-        *stream = Some(AppendStream { outgoing, answers });
-    }
-    let Some(open) = stream.as_mut() else {
-        return Err(Status::internal("the append stream was not opened"));
+    let open = match stream {
+        Some(open) => open,
+        None => {
+            let (outgoing, queued) = mpsc::channel(1);
+            let answers = client
+                .clone()
+                .append_stream(ReceiverStream::new(queued))
+                .await?
+                .into_inner();
+            stream.insert(AppendStream { outgoing, answers })
+        }
     };
     open.outgoing
         .send(messages)

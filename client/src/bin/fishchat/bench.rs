@@ -222,7 +222,7 @@ pub struct SendReport {
     pub latency: Latency,
     /// Failed sends by error kind (a server code, or the client's kind).
     pub errors: BTreeMap<String, u64>,
-    /// CPU the nodes used meanwhile (absent without admin access).
+    /// The work the nodes did meanwhile (absent without admin access).
     pub nodes: Option<NodeWork>,
 }
 
@@ -243,7 +243,7 @@ pub struct PingReport {
     pub latency: Latency,
     /// Failed pings by error kind.
     pub errors: BTreeMap<String, u64>,
-    /// CPU the nodes used meanwhile (absent without admin access).
+    /// The work the nodes did meanwhile (absent without admin access).
     pub nodes: Option<NodeWork>,
 }
 
@@ -364,14 +364,36 @@ impl WorkMeter {
 /// The counters of every node in `settings`, added up.
 async fn node_totals(settings: &Settings) -> anyhow::Result<NodeTotals> {
     let mut totals = NodeTotals::default();
+    for node in node_metrics(settings).await? {
+        totals
+            .add(&node.text)
+            .map_err(|lack| anyhow::anyhow!("{}/metrics has {lack}", node.admin))?;
+    }
+    Ok(totals)
+}
+
+/// One node's `/metrics` text.
+struct NodeMetrics {
+    /// The node's client address, as given in the settings.
+    server: String,
+    /// Its admin address, where the text came from.
+    admin: String,
+    text: String,
+}
+
+/// Every node's `/metrics`, in the order of `settings.servers`.
+async fn node_metrics(settings: &Settings) -> anyhow::Result<Vec<NodeMetrics>> {
+    let mut nodes = Vec::with_capacity(settings.servers.len());
     for server in &settings.servers {
         let admin = status::admin_address(server)?;
         let text = status::fetch_path(&admin, "/metrics").await?;
-        totals
-            .add(&text)
-            .map_err(|lack| anyhow::anyhow!("{admin}/metrics has {lack}"))?;
+        nodes.push(NodeMetrics {
+            server: server.clone(),
+            admin,
+            text,
+        });
     }
-    Ok(totals)
+    Ok(nodes)
 }
 
 /// The sum of a labelled metric's values (`name{...} value` lines).
@@ -416,7 +438,7 @@ pub struct E2eReport {
     pub ack_latency: Latency,
     /// Failed sends by error kind.
     pub errors: BTreeMap<String, u64>,
-    /// CPU the nodes used meanwhile (absent without admin access).
+    /// The work the nodes did meanwhile (absent without admin access).
     pub nodes: Option<NodeWork>,
 }
 
@@ -476,7 +498,7 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
     }
 }
 
-/// Prints the errors by kind, if any, and the nodes' CPU, if measured.
+/// Prints the errors by kind, if any, and the nodes' work, if measured.
 fn print_tail(errors: &BTreeMap<String, u64>, nodes: Option<&NodeWork>) {
     if !errors.is_empty() {
         println!("errors: {errors:?}");

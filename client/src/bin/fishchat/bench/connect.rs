@@ -22,9 +22,8 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{config_for, ensure_users, metric, parse_duration, sessions};
+use super::{config_for, ensure_users, metric, node_metrics, parse_duration, sessions};
 use crate::settings::Settings;
-use crate::status;
 
 /// Options of `bench connect`.
 #[derive(Debug, Args)]
@@ -262,16 +261,15 @@ struct Sample {
 /// Every node's sample, in the order of `settings.servers`.
 async fn metrics(settings: &Settings) -> anyhow::Result<Vec<(String, Sample)>> {
     let mut samples = Vec::new();
-    for server in &settings.servers {
-        let admin = status::admin_address(server)?;
-        let text = status::fetch_path(&admin, "/metrics").await?;
+    for node in node_metrics(settings).await? {
+        let admin = &node.admin;
         let sample = Sample {
-            sessions: metric(&text, "fishchat_client_sessions_bound")
+            sessions: metric(&node.text, "fishchat_client_sessions_bound")
                 .with_context(|| format!("{admin}/metrics has no session count"))?,
-            resident: metric(&text, "fishchat_process_resident_bytes")
+            resident: metric(&node.text, "fishchat_process_resident_bytes")
                 .with_context(|| format!("{admin}/metrics has no resident memory"))?,
         };
-        samples.push((server.clone(), sample));
+        samples.push((node.server, sample));
     }
     Ok(samples)
 }
