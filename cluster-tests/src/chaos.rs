@@ -34,7 +34,9 @@ use fishchat_client::{Client, ClientConfig, ClientError};
 use serde::Serialize;
 
 use crate::checker::{check, Counts, Verdict, Violation};
-use crate::history::{History, InboxEntry, InboxRead, Observed, Outcome, OwnRead, Target, UserId};
+use crate::history::{
+    History, InboxEntry, InboxRead, Observed, Outcome, OwnRead, ShardReplica, Target, UserId,
+};
 use crate::{Cluster, ClusterSpec};
 
 /// The password of every user of a run.
@@ -403,12 +405,12 @@ fn observe(
     runtime: &tokio::runtime::Runtime,
     users: &[(String, UserId)],
 ) -> anyhow::Result<Observed> {
-    settle(cluster);
+    settle(cluster)?;
     let inboxes = runtime.block_on(read_back(cluster, users))?;
-    settle(cluster);
+    let replicas = settle(cluster)?;
     Ok(Observed {
         inboxes,
-        replicas: cluster.replicas()?,
+        replicas,
         delivered: BTreeMap::new(),
         own_reads: Vec::new(),
     })
@@ -723,16 +725,21 @@ async fn report_progress(
 /// Waits (90 s at most each) until every node sees every shard's leader
 /// and every replica agrees, then gives fan-out the pump carries after a
 /// crash (due within seconds) the time to land, and waits for agreement
-/// again. What never settles is left to the reads and the checker, which
-/// report it.
-fn settle(cluster: &Cluster) {
+/// again. Returns the replicas as they were when they last agreed, or, when
+/// they never came to agree, as they are: the checker reports those.
+///
+/// The replicas are taken from the read that found them agreeing, not read
+/// again afterwards: an entry committed between two reads (a leader's first
+/// entry after an election, a pump's clean-up) would otherwise show a
+/// settled shard one entry apart on one node.
+fn settle(cluster: &Cluster) -> anyhow::Result<BTreeMap<u64, Vec<ShardReplica>>> {
     let patience = Duration::from_secs(90);
     for id in cluster.node_ids() {
         if let Err(e) = cluster.wait_ready(id, patience) {
             eprintln!("chaos: {e:#}");
         }
     }
-    let agree = || {
+    let agreed = || {
         cluster
             .eventually(
                 "every replica has the same state",
@@ -741,10 +748,13 @@ fn settle(cluster: &Cluster) {
             )
             .map_err(|e| eprintln!("chaos: {e:#}"))
     };
-    if agree().is_ok() {
+    if agreed().is_ok() {
         std::thread::sleep(Duration::from_secs(4));
-        let _ = agree();
+        if let Ok(replicas) = agreed() {
+            return Ok(replicas);
+        }
     }
+    cluster.replicas()
 }
 
 /// What each client's `incoming` has given it so far, by user.

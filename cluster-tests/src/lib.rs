@@ -377,13 +377,17 @@ impl Cluster {
         Ok(all)
     }
 
-    /// `Some` when every node's replica of every shard is at the same
-    /// applied index with the same digest (for [`Cluster::eventually`]).
-    pub fn replicas_agree(&self) -> anyhow::Result<Option<()>> {
+    /// Every node's replicas, when every node's replica of every shard is
+    /// at the same applied index with the same digest (for
+    /// [`Cluster::eventually`]). The replicas are read once, node by node,
+    /// so an entry committed during the read can make a settled cluster
+    /// disagree for that one read; poll rather than trust a single `None`.
+    pub fn replicas_agree(&self) -> anyhow::Result<Option<BTreeMap<u64, Vec<ShardReplica>>>> {
         let all = self.replicas()?;
         let mut views = all.values();
         let first = views.next();
-        Ok(views.all(|view| Some(view) == first).then_some(()))
+        let agree = views.all(|view| Some(view) == first);
+        Ok(agree.then_some(all))
     }
 
     /// Node `id`'s `/metrics` text.
