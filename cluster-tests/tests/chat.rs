@@ -436,6 +436,35 @@ fn bad_input_gets_its_typed_error_changes_nothing_and_the_connection_goes_on() -
             ErrorCode::WrongPassword,
         )
         .await?;
+
+        // Guessing: the fifth wrong password in a row closes the name on
+        // that node for a second, to the right password too; other nodes
+        // keep their own count, and once the second is up the right
+        // password logs in.
+        setup.register("carol", PASSWORD).await?;
+        for _ in 0..5 {
+            expect_code(
+                &conn,
+                "",
+                login("carol", "a guess"),
+                ErrorCode::WrongPassword,
+            )
+            .await?;
+        }
+        let closed = ask(&conn, "", login("carol", PASSWORD)).await?;
+        let response::Body::Error(refusal) = &closed else {
+            bail!("a closed name logged in: {closed:?}")
+        };
+        ensure!(
+            refusal.code == ErrorCode::TooManyRequests as i32
+                && refusal.retryable
+                && (1..=1000).contains(&refusal.retry_after_ms),
+            "a closed name is refused with the wait: {refusal:?}"
+        );
+        login_on(&other_connection(&cluster).await?, "carol", PASSWORD).await?;
+        tokio::time::sleep(Duration::from_millis(refusal.retry_after_ms + 50)).await;
+        let node2 = Connection::connect(&config(&cluster, &[2])?, &cluster.client_addr(2)).await?;
+        login_on(&node2, "carol", PASSWORD).await?;
         expect_code(
             &conn,
             "fc1.garbage.token",
@@ -610,7 +639,8 @@ fn bad_input_gets_its_typed_error_changes_nothing_and_the_connection_goes_on() -
         // Operators see the refusals by operation and code.
         let metrics = cluster.metrics(2)?;
         for line in [
-            r#"fishchat_client_requests_total{operation="login",outcome="WRONG_PASSWORD"} 2"#,
+            r#"fishchat_client_requests_total{operation="login",outcome="WRONG_PASSWORD"} 7"#,
+            r#"fishchat_client_requests_total{operation="login",outcome="TOO_MANY_REQUESTS"} 1"#,
             r#"fishchat_client_requests_total{operation="frame",outcome="FRAME_TOO_LARGE"} 1"#,
         ] {
             ensure!(metrics.contains(line), "metrics lack {line}:\n{metrics}");

@@ -6,7 +6,7 @@
 //! proposing anything, so bad input changes nothing (G8).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -26,6 +26,7 @@ use crate::courier::Courier;
 use crate::events::Events;
 use crate::node::group_of;
 use crate::revocations::TRUST;
+use crate::throttle::LoginThrottle;
 use crate::token::{Claims, TokenKey};
 
 /// Longest accepted client message id, in bytes (fixed rule).
@@ -46,6 +47,9 @@ pub struct Refusal {
     pub code: ErrorCode,
     /// Human-readable detail.
     pub message: String,
+    /// How long the client should wait before trying again, when the
+    /// refusal knows (`TOO_MANY_REQUESTS` otherwise advises 100 ms).
+    pub retry_after: Option<Duration>,
 }
 
 impl Refusal {
@@ -54,6 +58,15 @@ impl Refusal {
         Self {
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// This refusal, advising the client to wait `wait` before a retry.
+    pub fn retry_after(self, wait: Duration) -> Self {
+        Self {
+            retry_after: Some(wait),
+            ..self
         }
     }
 
@@ -67,10 +80,10 @@ impl Refusal {
             code: self.code as i32,
             message: self.message,
             retryable,
-            retry_after_ms: if self.code == ErrorCode::TooManyRequests {
-                100
-            } else {
-                0
+            retry_after_ms: match self.retry_after {
+                Some(wait) => duration_ms(wait).max(1),
+                None if self.code == ErrorCode::TooManyRequests => 100,
+                None => 0,
             },
         }
     }
@@ -175,6 +188,8 @@ pub struct Chat {
     /// Password hashing in progress: each takes ~19 MiB and a core for tens
     /// of milliseconds, so their number is bounded.
     hashing: tokio::sync::Semaphore,
+    /// Wrong passwords by username: a name with too many is closed a while.
+    logins: LoginThrottle,
 }
 
 impl Chat {
@@ -201,6 +216,7 @@ impl Chat {
             hashing: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
             ),
+            logins: LoginThrottle::default(),
         }
     }
 
@@ -358,6 +374,37 @@ impl Chat {
         SaltString::encode_b64(&bytes).map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))
     }
 
+    /// Refuses a login for `username` while too many wrong passwords have
+    /// closed it on this node (see [`crate::throttle`]).
+    fn open_to_login(&self, username: &str) -> Result<(), Refusal> {
+        self.logins.check(username, Instant::now()).map_err(|wait| {
+            tracing::debug!(
+                username,
+                wait_ms = duration_ms(wait),
+                "login refused: name closed"
+            );
+            Refusal::new(
+                ErrorCode::TooManyRequests,
+                "too many wrong passwords for this username; wait and try again",
+            )
+            .retry_after(wait)
+        })
+    }
+
+    /// Counts a wrong password (or unknown name) for `username` and gives
+    /// the refusal, which says nothing of which it was.
+    fn login_failed(&self, username: &str) -> Refusal {
+        let closed = self.logins.failed(username, Instant::now());
+        if !closed.is_zero() {
+            tracing::warn!(
+                username,
+                close_ms = duration_ms(closed),
+                "too many wrong passwords: logins for this name closed on this node"
+            );
+        }
+        wrong_password()
+    }
+
     /// Waits (briefly) for a turn to hash a password.
     async fn hashing_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
         let busy = || {
@@ -392,11 +439,13 @@ impl Chat {
                 format!("a device name has at most {MAX_DEVICE} bytes"),
             ));
         }
-        let wrong = || Refusal::new(ErrorCode::WrongPassword, "wrong username or password");
         if !fishchat_shard::valid_username(&login.username) {
-            return Err(wrong());
+            return Err(wrong_password());
         }
-        let account = self.account(&login.username).await?.ok_or_else(wrong)?;
+        self.open_to_login(&login.username)?;
+        let Some(account) = self.account(&login.username).await? else {
+            return Err(self.login_failed(&login.username));
+        };
         if let Some(bound) = bound {
             if bound.user != account.user_id {
                 return Err(Refusal::new(
@@ -408,6 +457,8 @@ impl Chat {
         let password = login.password;
         let stored = account.password_hash.clone();
         let permit = self.hashing_permit().await?;
+        // Again: a failure may have closed the name while this one waited.
+        self.open_to_login(&login.username)?;
         let verified = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&stored)
                 .map(|hash| {
@@ -422,8 +473,9 @@ impl Chat {
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("stored hash: {e}")))?;
         drop(permit);
         if !verified {
-            return Err(wrong());
+            return Err(self.login_failed(&login.username));
         }
+        self.logins.succeeded(&login.username);
         let user = account.user_id;
         // Read before anything changes: a failure here must leave no trace.
         let latest = self.latest_version(user).await?;
@@ -856,6 +908,11 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(duration_ms)
         .unwrap_or(0)
+}
+
+/// A login's refusal for a wrong password or a name no account has.
+fn wrong_password() -> Refusal {
+    Refusal::new(ErrorCode::WrongPassword, "wrong username or password")
 }
 
 fn duration_ms(d: Duration) -> u64 {

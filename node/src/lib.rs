@@ -9,7 +9,8 @@
 //! It owns configuration ([`config`]), the cluster's keys ([`tls`], [`token`]),
 //! forming or reopening the cluster on start ([`node`], with the meta group
 //! in [`meta`]), the client endpoint
-//! ([`quic`]) and the operations it serves ([`chat`]), the session table and
+//! ([`quic`]) and the operations it serves ([`chat`], with failed logins
+//! throttled by [`throttle`]), the session table and
 //! its cluster-wide events ([`sessions`], [`events`], [`news`]), the outbox pump
 //! ([`outbox`]) and the admin API ([`admin`]). It promises that a node
 //! started on an empty data directory with a peer list forms the shards with
@@ -29,6 +30,7 @@ pub mod outbox;
 pub mod quic;
 pub mod revocations;
 pub mod sessions;
+pub mod throttle;
 pub mod tls;
 pub mod token;
 
