@@ -2,7 +2,8 @@
 //! dies.
 //!
 //! C senders send steadily, one message at a time, to users of one shard.
-//! Each trial finds the shard's leader in the nodes' `/status`, kills that
+//! Each trial finds the shard's leader in the nodes' `/status` (the one a
+//! majority names at the highest term, waiting out a hand-over), kills that
 //! node with `--kill-cmd`, waits until every sender has been acknowledged
 //! again, then starts the node again with `--start-cmd` and waits until its
 //! replica of the shard has caught up. A trial's figure is the longest time
@@ -211,7 +212,7 @@ async fn run_trials(
 ) -> anyhow::Result<()> {
     for trial in 1..=args.trials {
         tokio::time::sleep(args.settle).await;
-        let node = leader_of(settings, args.shard).await?;
+        let node = leader_of(settings, args.shard, Duration::from_secs(30)).await?;
         let from = Instant::now() - Duration::from_millis(200);
         eprintln!(
             "bench: trial {trial}: killing node {node}, leader of shard {}",
@@ -303,18 +304,51 @@ async fn shard_count(settings: &Settings) -> anyhow::Result<u32> {
         .ok_or_else(|| anyhow!("no node answered /status"))
 }
 
-/// The node that leads `shard`, as a node that calls itself its leader says.
-async fn leader_of(settings: &Settings, shard: u32) -> anyhow::Result<u64> {
-    statuses(settings)
-        .await
+/// The node that leads `shard` (see [`agreed_leader`]), waiting up to
+/// `within` for one: an election or a leader hand-over may be under way.
+async fn leader_of(settings: &Settings, shard: u32, within: Duration) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + within;
+    loop {
+        let nodes = statuses(settings).await;
+        if let Some((leader, _)) = agreed_leader(&nodes, shard, settings.servers.len()) {
+            return Ok(leader);
+        }
+        if Instant::now() > deadline {
+            bail!("no node led shard {shard} within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The leader of `shard` a majority of the `cluster_size` nodes agree on:
+/// the replica that calls itself leader at the highest term, named as
+/// leader at that term by enough of the others. A deposed leader that has
+/// not yet heard of its successor still calls itself leader; killing it
+/// would measure nothing.
+fn agreed_leader(
+    nodes: &[NodeStatus],
+    shard: u32,
+    cluster_size: usize,
+) -> Option<(u64, &ShardStatus)> {
+    let replicas: Vec<(u64, &ShardStatus)> = nodes
         .iter()
-        .find_map(|node| {
-            node.shards
+        .filter_map(|n| {
+            n.shards
                 .iter()
-                .find(|s| s.shard == shard && s.role == "leader")
-                .map(|_| node.node)
+                .find(|s| s.shard == shard)
+                .map(|s| (n.node, s))
         })
-        .ok_or_else(|| anyhow!("no node leads shard {shard}"))
+        .collect();
+    let (leader, status) = replicas
+        .iter()
+        .filter(|(_, s)| s.role == "leader")
+        .max_by_key(|(_, s)| s.term)
+        .copied()?;
+    let naming = replicas
+        .iter()
+        .filter(|(id, s)| s.term == status.term && (*id == leader || s.leader == Some(leader)))
+        .count();
+    (naming * 2 > cluster_size).then_some((leader, status))
 }
 
 /// Waits until every node answers /status, `shard` has a leader, and every
@@ -331,7 +365,7 @@ async fn wait_caught_up(settings: &Settings, shard: u32, within: Duration) -> an
             .filter_map(|n| n.shards.iter().find(|s| s.shard == shard))
             .collect();
         if nodes.len() == settings.servers.len() {
-            if let Some(leader) = replicas.iter().find(|s| s.role == "leader") {
+            if let Some((_, leader)) = agreed_leader(&nodes, shard, nodes.len()) {
                 let goal = *target.get_or_insert(leader.committed);
                 if replicas.iter().all(|s| s.applied >= goal) {
                     return Ok(());
@@ -412,5 +446,48 @@ mod tests {
             Duration::from_millis(1000)
         );
         assert_eq!(longest_gap(&[], t0, at(300)), Duration::from_millis(300));
+    }
+
+    fn node(id: u64, role: &str, leader: Option<u64>, term: u64) -> NodeStatus {
+        let shard: ShardStatus = serde_json::from_value(serde_json::json!({
+            "shard": 0, "role": role, "leader": leader, "term": term,
+        }))
+        .expect("a shard status");
+        NodeStatus {
+            node: id,
+            client_addr: String::new(),
+            shards: vec![shard],
+        }
+    }
+
+    #[test]
+    fn the_leader_is_the_one_a_majority_names_at_the_highest_term() {
+        let leader = |nodes: &[NodeStatus]| agreed_leader(nodes, 0, 3).map(|(id, _)| id);
+        let settled = [
+            node(1, "follower", Some(2), 7),
+            node(2, "leader", Some(2), 7),
+            node(3, "follower", Some(2), 7),
+        ];
+        assert_eq!(leader(&settled), Some(2));
+        // Node 1 still thinks it leads at term 6; 3 already follows 2.
+        let handing_over = [
+            node(1, "leader", Some(1), 6),
+            node(2, "leader", Some(2), 7),
+            node(3, "follower", Some(2), 7),
+        ];
+        assert_eq!(leader(&handing_over), Some(2));
+        // A new leader nobody else has heard of yet is not agreed on.
+        let just_elected = [
+            node(1, "follower", Some(1), 6),
+            node(2, "leader", Some(2), 7),
+            node(3, "follower", Some(1), 6),
+        ];
+        assert_eq!(leader(&just_elected), None);
+        assert_eq!(
+            leader(&just_elected[1..2]),
+            None,
+            "one of three nodes answered"
+        );
+        assert_eq!(leader(&[]), None);
     }
 }
