@@ -157,9 +157,14 @@ impl Cluster {
 
     fn peers(&self) -> String {
         (1..=self.nodes.len() as u64)
-            .map(|id| format!("{id}=127.0.0.1:{}", self.base_port as u64 + 10 + id))
+            .map(|id| format!("{id}={}", self.peer_addr(id)))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Node `id`'s peer (gRPC) address.
+    pub fn peer_addr(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.base_port as u64 + 10 + id)
     }
 
     /// The ids of the cluster's nodes.

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use fishchat_client::{Client, ClientConfig};
 use fishchat_cluster_tests::{Cluster, ClusterSpec};
+use fishchat_proto::peer::raft_peer_client::RaftPeerClient;
+use fishchat_proto::peer::{peer_error, raft_reply, RaftMessage, RaftReply};
 use serde_json::Value;
 
 const SHARDS: u32 = 8;
@@ -131,6 +133,67 @@ fn a_node_refuses_another_nodes_data_directory() -> anyhow::Result<()> {
         "the refusal says why:\n{}",
         cluster.log(2)
     );
+    Ok(())
+}
+
+/// What node `id`'s peer port answers a vote request for a group no node
+/// hosts, sent with `tag` in the cluster header.
+async fn vote_tagged(
+    cluster: &Cluster,
+    id: u64,
+    tag: &str,
+) -> anyhow::Result<Result<RaftReply, tonic::Status>> {
+    let tag: tonic::metadata::MetadataValue<_> = tag.parse()?;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.peer_addr(id)))?
+            .connect()
+            .await?;
+    let mut client =
+        RaftPeerClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("fishchat-cluster", tag.clone());
+            Ok(request)
+        });
+    let vote = RaftMessage {
+        group_id: 4242,
+        payload: Vec::new(),
+    };
+    Ok(client.vote(vote).await.map(tonic::Response::into_inner))
+}
+
+#[test]
+fn a_node_refuses_peer_requests_of_another_cluster_also_after_a_restart() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, SHARDS)?;
+    let cluster_id = cluster.eventually("node 1 knows its cluster id", PATIENCE, |c| {
+        Ok(c.status(1)?["cluster_id"].as_str().map(String::from))
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let check = |cluster: &Cluster, when: &str| -> anyhow::Result<()> {
+        rt.block_on(async {
+            let foreign = vote_tagged(cluster, 1, "another-cluster").await?;
+            anyhow::ensure!(
+                matches!(&foreign, Err(s) if s.code() == tonic::Code::FailedPrecondition),
+                "{when}: another cluster's request is refused: {foreign:?}"
+            );
+            let own = vote_tagged(cluster, 1, &cluster_id).await?;
+            anyhow::ensure!(
+                matches!(&own, Ok(RaftReply { result: Some(raft_reply::Result::Error(e)) })
+                    if e.code == peer_error::Code::UnknownGroup as i32),
+                "{when}: the cluster's own request reaches the groups: {own:?}"
+            );
+            Ok(())
+        })
+    };
+    check(&cluster, "running")?;
+    // Restarted, it refuses them again (it reads its cluster id from its
+    // own replica of the meta group before its shards open).
+    cluster.kill(1)?;
+    cluster.start_node(1)?;
+    cluster.wait_ready(1, PATIENCE)?;
+    check(&cluster, "restarted")?;
     Ok(())
 }
 

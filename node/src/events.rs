@@ -17,8 +17,10 @@ use fishchat_proto::client::kick::Reason;
 use fishchat_proto::peer::session_peer_client::SessionPeerClient;
 use fishchat_proto::peer::session_peer_server::{SessionPeer, SessionPeerServer};
 use fishchat_proto::peer::{InboxAdvanced, SessionEnded, SessionEvents, SessionEventsAck};
+use fishchat_raft::ClusterTag;
 use fishchat_shard::UserId;
 use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::news::{InboxNews, SharedEntry};
@@ -46,8 +48,11 @@ enum Event {
 struct PeerQueues {
     advanced: mpsc::Sender<Event>,
     ended: mpsc::UnboundedSender<Event>,
-    client: SessionPeerClient<Channel>,
+    client: PeerClient,
 }
+
+/// The client of a peer's session service; requests carry the cluster tag.
+type PeerClient = SessionPeerClient<InterceptedService<Channel, ClusterTag>>;
 
 /// Tells this node's and every peer's sessions about commits and revocations.
 pub struct Events {
@@ -57,8 +62,8 @@ pub struct Events {
 
 impl Events {
     /// Events for `sessions` here and for the nodes at `peer_addrs` (gRPC
-    /// `host:port`, this node excluded).
-    pub fn new(sessions: Arc<Sessions>, peer_addrs: &[String]) -> Self {
+    /// `host:port`, this node excluded); requests to them carry `tag`.
+    pub fn new(sessions: Arc<Sessions>, peer_addrs: &[String], tag: ClusterTag) -> Self {
         let peers = peer_addrs
             .iter()
             .filter_map(|addr| {
@@ -69,7 +74,8 @@ impl Events {
                     .tcp_nodelay(true);
                 let (advanced, advanced_rx) = mpsc::channel(PEER_QUEUE);
                 let (ended, ended_rx) = mpsc::unbounded_channel();
-                let client = SessionPeerClient::new(endpoint.connect_lazy());
+                let client =
+                    SessionPeerClient::with_interceptor(endpoint.connect_lazy(), tag.clone());
                 tokio::spawn(forward(client.clone(), advanced_rx, ended_rx));
                 Some(PeerQueues {
                     advanced,
@@ -139,7 +145,7 @@ impl Events {
 
 /// Sends the events queued for one peer, in batches, until the node stops.
 async fn forward(
-    mut client: SessionPeerClient<Channel>,
+    mut client: PeerClient,
     mut advanced_queue: mpsc::Receiver<Event>,
     mut ended_queue: mpsc::UnboundedReceiver<Event>,
 ) {

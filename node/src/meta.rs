@@ -54,6 +54,17 @@ impl StateMachine for MetaMachine {
     }
 }
 
+/// The record as this node's replica of the meta group holds it (from an
+/// earlier start), if any.
+pub fn stored(host: &GroupHost) -> anyhow::Result<Option<ClusterRecord>> {
+    let Some(bytes) = host.read_local(META_GROUP, RECORD_KEY)? else {
+        return Ok(None);
+    };
+    let record = rmp_serde::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("the stored cluster record does not decode: {e}"))?;
+    Ok(Some(record))
+}
+
 /// Proposes this node's view of the cluster until the meta group answers,
 /// then checks it against the record that won. Returns the record.
 pub async fn settle(host: Arc<GroupHost>, mine: ClusterRecord) -> Option<ClusterRecord> {

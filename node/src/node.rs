@@ -79,6 +79,11 @@ impl Node {
         let host = Arc::new(GroupHost::start(host_config).await?);
         let fresh = host.stored_groups()?.is_empty();
         host.open_group(META_GROUP, MetaMachine).await?;
+        // A node that knows its cluster from an earlier start refuses other
+        // clusters' peers before its shards open.
+        if let Some(record) = meta::stored(&host)? {
+            host.set_cluster_tag(&record.cluster_id)?;
+        }
         for shard in 0..settings.shards {
             host.open_group(group_of(shard), ChatMachine::new(shard, map))
                 .await?;
@@ -93,7 +98,11 @@ impl Node {
             .filter(|(id, _)| **id != settings.node_id)
             .map(|(id, addr)| settings.peer_routes.get(id).unwrap_or(addr).clone())
             .collect();
-        let events = Arc::new(Events::new(sessions.clone(), &other_peers));
+        let events = Arc::new(Events::new(
+            sessions.clone(),
+            &other_peers,
+            host.cluster_tag(),
+        ));
         let (pump_stop, pump_stopped) = tokio::sync::watch::channel(false);
         let courier = Arc::new(Courier::new(
             host.clone(),
@@ -126,7 +135,10 @@ impl Node {
                 formed_ms: crate::chat::now_ms(),
             };
             async move {
-                if let Some(record) = meta::settle(host, mine).await {
+                if let Some(record) = meta::settle(host.clone(), mine).await {
+                    if let Err(e) = host.set_cluster_tag(&record.cluster_id) {
+                        tracing::error!(error = %e, "cannot take the settled cluster's id as tag");
+                    }
                     let _ = cluster.set(record);
                 }
             }

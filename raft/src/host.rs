@@ -18,7 +18,10 @@ use tracing::Instrument;
 use crate::balance;
 use crate::error::{HostError, ReadError, WriteError};
 use crate::local::{LocalGroups, WriteLimits};
-use crate::network::{GroupNetwork, PeerService, PeerStats, PeerTransport, MAX_PEER_MESSAGE_BYTES};
+use crate::network::{
+    ClusterTag, GroupNetwork, PeerService, PeerStats, PeerTransport, TagError,
+    MAX_PEER_MESSAGE_BYTES,
+};
 use crate::state_machine::StateMachine;
 use crate::storage::{
     self, Engine, GroupLogStore, GroupStateStore, StorageStats, WalSyncer, CF_META,
@@ -199,6 +202,7 @@ pub struct GroupHost {
     peer_addr: SocketAddr,
     server: Mutex<Option<PeerServer>>,
     balancer: Mutex<Option<JoinHandle<()>>>,
+    tag: ClusterTag,
 }
 
 impl GroupHost {
@@ -233,10 +237,12 @@ impl GroupHost {
             },
         ));
         let (closing, closing_seen) = watch::channel(false);
+        let tag = ClusterTag::default();
         let service = RaftPeerServer::new(PeerService::new(
             local.clone(),
             config.timing.election_max,
             closing_seen,
+            tag.clone(),
         ))
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -249,6 +255,7 @@ impl GroupHost {
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
+                .layer(tonic::service::InterceptorLayer::new(tag.check()))
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming_nodelay(listener), async {
                     let _ = stopped.await;
@@ -263,6 +270,7 @@ impl GroupHost {
             transport: Arc::new(PeerTransport::new(
                 config.timing.election_min,
                 config.peer_routes.clone(),
+                tag.clone(),
             )),
             config,
             raft_config,
@@ -278,7 +286,24 @@ impl GroupHost {
                 task,
             })),
             balancer: Mutex::new(balancer),
+            tag,
         })
+    }
+
+    /// Sets the tag of the cluster this node belongs to. From then on every
+    /// request to a peer carries it, and a request tagged with another is
+    /// refused on every service of the peer port (the application's too).
+    /// Set once; the same tag again is fine.
+    pub fn set_cluster_tag(&self, tag: &str) -> Result<(), TagError> {
+        self.tag.set(tag)?;
+        tracing::info!(tag, "peer requests carry and must match this cluster tag");
+        Ok(())
+    }
+
+    /// This node's cluster tag, shared: an application client of the peer
+    /// port (`tonic`'s `with_interceptor`) adds it to its requests.
+    pub fn cluster_tag(&self) -> ClusterTag {
+        self.tag.clone()
     }
 
     /// This node's id.

@@ -52,6 +52,10 @@
 //! * A write on a follower fails with [`WriteError::NotLeader`], naming the
 //!   leader when it is known. Traffic for a group a node does not host, and
 //!   undecodable peer messages, get typed errors and never a panic.
+//! * Once the application has set the node's cluster tag
+//!   ([`GroupHost::set_cluster_tag`]), a peer request tagged with another
+//!   cluster is refused before any group sees it, so groups formed apart
+//!   never exchange entries.
 //!
 //! # What it must not know
 //!
@@ -73,6 +77,6 @@ pub mod types;
 
 pub use error::{HostError, ReadError, WriteError};
 pub use host::{GroupHost, GroupStatus, HostConfig, RaftTiming, Role};
-pub use network::PeerStats;
+pub use network::{ClusterTag, PeerStats, TagError, CLUSTER_HEADER};
 pub use state_machine::{ApplyError, MemoryState, StateMachine, StateTxn};
 pub use types::{Batch, Command, GroupId, KeyValue, NodeId, Response, Responses, TypeConfig};

@@ -561,6 +561,89 @@ async fn garbage_on_the_peer_port_gets_an_error_and_groups_keep_serving() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_of_another_cluster_is_refused_and_the_others_keep_serving() -> anyhow::Result<()> {
+    let _turn = serial().await;
+    let cluster = Cluster::start(3, 2, test_timing()).await?;
+    write_many(cluster.live(), &cluster.groups, 0, 40, 4).await?;
+    cluster.wait_converged(LONG).await?;
+
+    // Hosts 1 and 2 are cluster alpha; host 3 turns out to be of cluster
+    // beta (formed apart, in life; here it is only told so).
+    let ours: Vec<_> = cluster.live()[..2].to_vec();
+    let stranger = cluster.host(2)?;
+    for host in &ours {
+        host.set_cluster_tag("alpha")?;
+    }
+    stranger.set_cluster_tag("beta")?;
+    assert!(
+        stranger.set_cluster_tag("alpha").is_err(),
+        "a tag is set once"
+    );
+    let applied = |host: &fishchat_raft::GroupHost| -> Vec<u64> {
+        cluster
+            .groups
+            .iter()
+            .map(|g| host.status(*g).map_or(0, |s| s.applied))
+            .collect()
+    };
+    let stranded = applied(&stranger);
+
+    // The stranger's requests are refused before any group sees them; the
+    // cluster's own (tagged alike) and untagged ones reach the groups.
+    let addr = ours[0].peer_addr();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let garbage = RaftMessage {
+        group_id: cluster.groups[0],
+        payload: b"\xc1 not msgpack".to_vec(),
+    };
+    let mut as_stranger = RaftPeerClient::with_interceptor(channel.clone(), stranger.cluster_tag());
+    let refused = as_stranger.vote(garbage.clone()).await;
+    assert!(
+        matches!(&refused, Err(s) if s.code() == tonic::Code::FailedPrecondition),
+        "{refused:?}"
+    );
+    for reply in [
+        RaftPeerClient::with_interceptor(channel.clone(), ours[1].cluster_tag())
+            .vote(garbage.clone())
+            .await?,
+        RaftPeerClient::new(channel).vote(garbage).await?,
+    ] {
+        assert!(matches!(
+            reply.into_inner().result,
+            Some(raft_reply::Result::Error(e)) if e.code == peer_error::Code::BadPayload as i32
+        ));
+    }
+
+    // Hosts 1 and 2 go on committing (electing leaders among themselves for
+    // the groups host 3 led); none of it reaches host 3.
+    write_many(ours.clone(), &cluster.groups, 40, 200, 4).await?;
+    let deadline = std::time::Instant::now() + LONG;
+    for host in &ours {
+        for group in &cluster.groups {
+            // The write's leader applied it; the other may still be applying.
+            while host.read_local(*group, COUNT_KEY)?.as_deref() != Some(&b"120"[..]) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "group {group} holds every write on host {}",
+                    host.node_id()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        applied(&stranger),
+        stranded,
+        "host 3 applied nothing from the other cluster"
+    );
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_can_be_removed_and_added_back_as_learner_then_voter() -> anyhow::Result<()> {
     let _turn = serial().await;
     let cluster = Cluster::start(3, 1, test_timing()).await?;

@@ -21,12 +21,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fishchat_proto::peer::raft_peer_client::RaftPeerClient;
 use fishchat_proto::peer::{RaftMessage, RaftMessages, RaftReplies, RaftReply};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Status, Streaming};
+
+use super::{ClusterTag, PeerClient};
 
 /// Most appends in one stream message; a receiver refuses more.
 pub(crate) const MAX_BATCH: usize = 64;
@@ -70,16 +70,16 @@ struct Queued {
 #[derive(Clone)]
 pub(crate) struct AppendQueue {
     queue: mpsc::Sender<Queued>,
-    client: RaftPeerClient<Channel>,
+    client: PeerClient,
     stats: Arc<PeerStats>,
 }
 
 impl AppendQueue {
     /// Starts sending appends to the peer behind `client`, counting them
-    /// in `stats`.
-    pub(crate) fn start(client: RaftPeerClient<Channel>, stats: Arc<PeerStats>) -> Self {
+    /// in `stats`. `tag` is the cluster tag `client` sends.
+    pub(crate) fn start(client: PeerClient, stats: Arc<PeerStats>, tag: ClusterTag) -> Self {
         let (queue, waiting) = mpsc::channel(QUEUE);
-        tokio::spawn(pump(client.clone(), waiting, stats.clone()));
+        tokio::spawn(pump(client.clone(), waiting, stats.clone(), tag));
         Self {
             queue,
             client,
@@ -119,9 +119,10 @@ impl AppendQueue {
 
 /// Takes the waiting appends whenever the stream is free and sends them.
 async fn pump(
-    client: RaftPeerClient<Channel>,
+    client: PeerClient,
     mut waiting: mpsc::Receiver<Queued>,
     stats: Arc<PeerStats>,
+    tag: ClusterTag,
 ) {
     let mut stream: Option<AppendStream> = None;
     loop {
@@ -155,7 +156,16 @@ async fn pump(
         let (messages, answers): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|q| (q.message, q.answer)).unzip();
         let sent = messages.len();
-        let exchange = exchange(&client, &mut stream, RaftMessages { messages });
+        // A stream opened before this node knew its cluster carries no tag
+        // (it went with the opening headers): open a tagged one.
+        if stream
+            .as_ref()
+            .is_some_and(|open| open.tagged != tag.is_set())
+        {
+            stream = None;
+        }
+        let tagged = tag.is_set();
+        let exchange = exchange(&client, &mut stream, tagged, RaftMessages { messages });
         let outcome = match tokio::time::timeout(ttl, exchange).await {
             Ok(outcome) => outcome,
             Err(_) => Err(Status::cancelled(
@@ -189,13 +199,17 @@ async fn pump(
 struct AppendStream {
     outgoing: mpsc::Sender<RaftMessages>,
     answers: Streaming<RaftReplies>,
+    /// Whether it was opened with this node's cluster tag.
+    tagged: bool,
 }
 
-/// Sends `messages` on the stream, opening one first if there is none, and
-/// waits for the answer. On an error the caller drops the stream.
+/// Sends `messages` on the stream, opening one first if there is none
+/// (`tagged`: the client's cluster tag is set), and waits for the answer.
+/// On an error the caller drops the stream.
 async fn exchange(
-    client: &RaftPeerClient<Channel>,
+    client: &PeerClient,
     stream: &mut Option<AppendStream>,
+    tagged: bool,
     messages: RaftMessages,
 ) -> Result<RaftReplies, Status> {
     let open = match stream {
@@ -207,7 +221,11 @@ async fn exchange(
                 .append_stream(ReceiverStream::new(queued))
                 .await?
                 .into_inner();
-            stream.insert(AppendStream { outgoing, answers })
+            stream.insert(AppendStream {
+                outgoing,
+                answers,
+                tagged,
+            })
         }
     };
     open.outgoing
@@ -234,7 +252,7 @@ fn count(stats: &PeerStats, appends: usize) {
 }
 
 /// Sends one large append as an `Append` request of its own.
-async fn send_alone(mut client: RaftPeerClient<Channel>, one: Queued) {
+async fn send_alone(mut client: PeerClient, one: Queued) {
     let mut request = tonic::Request::new(one.message);
     request.set_timeout(one.ttl);
     let reply = client.append(request).await.map(|r| r.into_inner());

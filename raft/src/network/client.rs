@@ -19,10 +19,10 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use super::batch::{AppendQueue, PeerStats};
-use super::{RemoteOutcome, SnapshotChunk, MAX_PEER_MESSAGE_BYTES};
+use super::{ClusterTag, PeerClient, RemoteOutcome, SnapshotChunk, MAX_PEER_MESSAGE_BYTES};
 use crate::codec;
 use crate::error::{ReadError, WriteError};
 use crate::types::{GroupId, KeyValue, NodeId, Snapshot, TypeConfig, Vote};
@@ -75,18 +75,25 @@ pub struct PeerTransport {
     connect_timeout: Duration,
     routes: BTreeMap<NodeId, String>,
     stats: Arc<PeerStats>,
+    tag: ClusterTag,
 }
 
 impl PeerTransport {
     /// A transport whose connection attempts give up after `connect_timeout`
     /// and which dials the peers in `routes` at the address given there
-    /// instead of the one their group membership records.
-    pub fn new(connect_timeout: Duration, routes: BTreeMap<NodeId, String>) -> Self {
+    /// instead of the one their group membership records. Every request
+    /// carries `tag` once it is set.
+    pub fn new(
+        connect_timeout: Duration,
+        routes: BTreeMap<NodeId, String>,
+        tag: ClusterTag,
+    ) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
             connect_timeout,
             routes,
             stats: Arc::default(),
+            tag,
         }
     }
 
@@ -120,12 +127,12 @@ impl PeerTransport {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
-        let client = RaftPeerClient::new(channel)
+        let client = RaftPeerClient::with_interceptor(channel, self.tag.clone())
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let link = PeerLink {
             addr: addr.to_string(),
-            appends: AppendQueue::start(client.clone(), self.stats.clone()),
+            appends: AppendQueue::start(client.clone(), self.stats.clone(), self.tag.clone()),
             client,
         };
         channels.insert(target, link.clone());
@@ -137,7 +144,7 @@ impl PeerTransport {
 #[derive(Clone)]
 struct PeerLink {
     addr: String,
-    client: RaftPeerClient<Channel>,
+    client: PeerClient,
     appends: AppendQueue,
 }
 
@@ -425,10 +432,15 @@ fn network(err: TransportError) -> PeerRpcError {
 /// dialling timed out) and `Unknown` (a transport error) all say the peer
 /// cannot be reached now. Retrying those at once made a leader spin on a
 /// dead peer, thousands of failed calls and log lines a second.
+/// `FailedPrecondition` is a peer of another cluster (see `cluster_tag`):
+/// unreachable for as long as it runs.
 fn from_status(status: tonic::Status) -> PeerRpcError {
     let unreachable = matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        tonic::Code::Unavailable
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::FailedPrecondition
     );
     let err = TransportError::Status(status);
     if unreachable {

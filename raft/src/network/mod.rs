@@ -11,18 +11,22 @@
 //! The receiving side, [`PeerService`], looks the group up by id and hands the
 //! decoded request to its openraft instance. A message for a group the node
 //! does not host, or one whose payload does not decode, is answered with a
-//! typed `PeerError`; it never reaches openraft and never panics. It also
+//! typed `PeerError`; it never reaches openraft and never panics. A request
+//! tagged with another cluster's tag is refused before that (see
+//! `cluster_tag`). It also
 //! watches votes, so that a follower with a longer log stands at once when a
 //! candidate with a shorter one cannot win (see `stand`).
 
 mod batch;
 mod client;
+mod cluster_tag;
 mod server;
 mod stand;
 
 pub use batch::PeerStats;
 pub(crate) use client::GroupNetwork;
 pub use client::PeerTransport;
+pub use cluster_tag::{ClusterTag, TagError, CLUSTER_HEADER};
 pub use server::GroupTable;
 pub(crate) use server::PeerService;
 
@@ -30,6 +34,12 @@ pub(crate) use server::PeerService;
 /// chunks are far smaller (see `RaftTiming::snapshot_chunk_bytes`); this bounds
 /// append-entries batches of large commands.
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The client of a peer's `RaftPeer` service: every request carries this
+/// node's cluster tag.
+type PeerClient = fishchat_proto::peer::raft_peer_client::RaftPeerClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ClusterTag>,
+>;
 
 /// What a peer's group answered: its reply, or why it could not (the group
 /// stopped). The sender treats the latter like a network failure.

@@ -17,11 +17,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Status, Streaming};
 
 use super::batch::MAX_BATCH;
 use super::stand::Stand;
-use super::{RemoteOutcome, SnapshotChunk};
+use super::{ClusterTag, RemoteOutcome, SnapshotChunk, CLUSTER_HEADER};
 use crate::codec;
 use crate::error::{ReadError, WriteError};
 use crate::local::LocalGroups;
@@ -91,6 +92,9 @@ pub(crate) struct PeerService {
     /// Turns true when the node stops: open append streams end, so the
     /// server's graceful shutdown does not wait for peers to close them.
     closing: watch::Receiver<bool>,
+    /// This node's cluster tag: an append stream's opening tag is checked
+    /// against it with every message (it may have been set since).
+    tag: ClusterTag,
 }
 
 impl PeerService {
@@ -100,12 +104,14 @@ impl PeerService {
         local: Arc<LocalGroups>,
         lease: Duration,
         closing: watch::Receiver<bool>,
+        tag: ClusterTag,
     ) -> Self {
         Self {
             local,
             stand: Arc::new(Stand::new(lease)),
             receiving: Arc::new(Mutex::new(HashMap::new())),
             closing,
+            tag,
         }
     }
 
@@ -136,11 +142,12 @@ impl PeerService {
         Ok(RaftReplies { replies })
     }
 
-    /// Serves one append stream: reads a message, answers it, reads the
-    /// next, until the sender closes the stream or goes away, or this node
-    /// stops.
+    /// Serves one append stream, opened with the cluster tag `theirs`:
+    /// reads a message, answers it, reads the next, until the sender closes
+    /// the stream or goes away, this node stops, or the tags differ.
     async fn serve_append_stream(
         self,
+        theirs: Option<MetadataValue<Ascii>>,
         mut incoming: Streaming<RaftMessages>,
         replies: mpsc::Sender<Result<RaftReplies, Status>>,
     ) {
@@ -158,7 +165,10 @@ impl PeerService {
                     return;
                 }
             };
-            let answer = self.append_batch(batch).await;
+            let answer = match self.tag.admits(theirs.as_ref()) {
+                Ok(()) => self.append_batch(batch).await,
+                Err(refusal) => Err(refusal),
+            };
             let refused = answer.is_err();
             if replies.send(answer).await.is_err() || refused {
                 return;
@@ -281,9 +291,10 @@ impl RaftPeer for PeerService {
         // One answer is out at a time: the sender waits for it before its
         // next message.
         let (replies, answers) = mpsc::channel(1);
+        let theirs = request.metadata().get(CLUSTER_HEADER).cloned();
         tokio::spawn(
             self.clone()
-                .serve_append_stream(request.into_inner(), replies),
+                .serve_append_stream(theirs, request.into_inner(), replies),
         );
         Ok(tonic::Response::new(ReceiverStream::new(answers)))
     }
