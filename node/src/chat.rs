@@ -377,24 +377,15 @@ impl Chat {
     /// Refuses a login for `username` while too many wrong passwords have
     /// closed it on this node (see [`crate::throttle`]).
     fn open_to_login(&self, username: &str) -> Result<(), Refusal> {
-        self.logins.check(username, Instant::now()).map_err(|wait| {
-            tracing::debug!(
-                username,
-                wait_ms = duration_ms(wait),
-                "login refused: name closed"
-            );
-            Refusal::new(
-                ErrorCode::TooManyRequests,
-                "too many wrong passwords for this username; wait and try again",
-            )
-            .retry_after(wait)
-        })
+        self.logins
+            .check(username, Instant::now())
+            .map_err(|wait| name_closed(username, wait))
     }
 
-    /// Counts a wrong password (or unknown name) for `username` and gives
-    /// the refusal, which says nothing of which it was.
-    fn login_failed(&self, username: &str) -> Refusal {
-        let closed = self.logins.failed(username, Instant::now());
+    /// The refusal of a wrong password (or of a name no account has), which
+    /// says nothing of which it was, once the failure left the name closed
+    /// for `closed`.
+    fn login_failed(&self, username: &str, closed: Duration) -> Refusal {
         if !closed.is_zero() {
             tracing::warn!(
                 username,
@@ -444,7 +435,8 @@ impl Chat {
         }
         self.open_to_login(&login.username)?;
         let Some(account) = self.account(&login.username).await? else {
-            return Err(self.login_failed(&login.username));
+            let closed = self.logins.failed(&login.username, Instant::now());
+            return Err(self.login_failed(&login.username, closed));
         };
         if let Some(bound) = bound {
             if bound.user != account.user_id {
@@ -457,8 +449,12 @@ impl Chat {
         let password = login.password;
         let stored = account.password_hash.clone();
         let permit = self.hashing_permit().await?;
-        // Again: a failure may have closed the name while this one waited.
-        self.open_to_login(&login.username)?;
+        // Under the count's lock: a failure may have closed the name while
+        // this one waited, and guesses at once get only the checks left.
+        let attempt = self
+            .logins
+            .attempt(&login.username, Instant::now())
+            .map_err(|wait| name_closed(&login.username, wait))?;
         let verified = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&stored)
                 .map(|hash| {
@@ -473,9 +469,10 @@ impl Chat {
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("stored hash: {e}")))?;
         drop(permit);
         if !verified {
-            return Err(self.login_failed(&login.username));
+            let closed = attempt.failed(Instant::now());
+            return Err(self.login_failed(&login.username, closed));
         }
-        self.logins.succeeded(&login.username);
+        attempt.succeeded();
         let user = account.user_id;
         // Read before anything changes: a failure here must leave no trace.
         let latest = self.latest_version(user).await?;
@@ -908,6 +905,21 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(duration_ms)
         .unwrap_or(0)
+}
+
+/// A login's refusal while its name is closed for `wait` (or has as many
+/// password checks under way as it may).
+fn name_closed(username: &str, wait: Duration) -> Refusal {
+    tracing::debug!(
+        username,
+        wait_ms = duration_ms(wait),
+        "login refused: name closed"
+    );
+    Refusal::new(
+        ErrorCode::TooManyRequests,
+        "too many wrong passwords for this username; wait and try again",
+    )
+    .retry_after(wait)
 }
 
 /// A login's refusal for a wrong password or a name no account has.

@@ -55,14 +55,16 @@ impl StateMachine for MetaMachine {
 }
 
 /// The record as this node's replica of the meta group holds it (from an
-/// earlier start), if any.
-pub fn stored(host: &GroupHost) -> anyhow::Result<Option<ClusterRecord>> {
-    let Some(bytes) = host.read_local(META_GROUP, RECORD_KEY)? else {
-        return Ok(None);
-    };
-    let record = rmp_serde::from_slice(&bytes)
-        .map_err(|e| anyhow::anyhow!("the stored cluster record does not decode: {e}"))?;
-    Ok(Some(record))
+/// earlier start), if any. One that cannot be read is logged and left to
+/// [`settle`], which reports it too.
+pub fn stored(host: &GroupHost) -> Option<ClusterRecord> {
+    let bytes = host
+        .read_local(META_GROUP, RECORD_KEY)
+        .map_err(|e| tracing::error!(error = %e, "cannot read the stored cluster record"))
+        .ok()??;
+    rmp_serde::from_slice(&bytes)
+        .map_err(|e| tracing::error!(error = %e, "the stored cluster record does not decode"))
+        .ok()
 }
 
 /// Proposes this node's view of the cluster until the meta group answers,

@@ -78,11 +78,17 @@ impl Node {
         )));
         let host = Arc::new(GroupHost::start(host_config).await?);
         let fresh = host.stored_groups()?.is_empty();
-        host.open_group(META_GROUP, MetaMachine).await?;
         // A node that knows its cluster from an earlier start refuses other
-        // clusters' peers before its shards open.
-        if let Some(record) = meta::stored(&host)? {
+        // clusters' peers before any of its groups opens.
+        if let Some(id) = recorded_cluster_id(&settings.data_dir) {
+            host.set_cluster_tag(&id)?;
+        }
+        host.open_group(META_GROUP, MetaMachine).await?;
+        // A data directory from before the id was recorded: its meta replica
+        // knows, before the shards open.
+        if let Some(record) = meta::stored(&host) {
             host.set_cluster_tag(&record.cluster_id)?;
+            record_cluster_id(&settings.data_dir, &record.cluster_id);
         }
         for shard in 0..settings.shards {
             host.open_group(group_of(shard), ChatMachine::new(shard, map))
@@ -128,6 +134,7 @@ impl Node {
         let settle_task = tokio::spawn({
             let host = host.clone();
             let cluster = cluster.clone();
+            let data_dir = settings.data_dir.clone();
             let mine = ClusterRecord {
                 cluster_id: tls::random_hex(16)?,
                 shards: settings.shards,
@@ -139,6 +146,7 @@ impl Node {
                     if let Err(e) = host.set_cluster_tag(&record.cluster_id) {
                         tracing::error!(error = %e, "cannot take the settled cluster's id as tag");
                     }
+                    record_cluster_id(&data_dir, &record.cluster_id);
                     let _ = cluster.set(record);
                 }
             }
@@ -295,6 +303,39 @@ fn check_identity(settings: &Settings) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(&wanted)?;
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// The file in the data directory that records the cluster id, so that a
+/// restarted node refuses other clusters' peers before it opens a group.
+const CLUSTER_ID_FILE: &str = "cluster_id";
+
+/// The cluster id recorded in `data_dir`, if any (a damaged record is
+/// ignored: the meta replica knows the id too).
+fn recorded_cluster_id(data_dir: &Path) -> Option<String> {
+    let path = data_dir.join(CLUSTER_ID_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let id = text.trim();
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        tracing::warn!(path = %path.display(), "ignoring a damaged cluster id record");
+        return None;
+    }
+    Some(id.to_string())
+}
+
+/// Records `id` in `data_dir` (written aside, then renamed into place).
+/// Failing to is logged: the meta replica holds the id as well.
+fn record_cluster_id(data_dir: &Path, id: &str) {
+    if recorded_cluster_id(data_dir).as_deref() == Some(id) {
+        return;
+    }
+    let path = data_dir.join(CLUSTER_ID_FILE);
+    let aside = data_dir.join(format!("{CLUSTER_ID_FILE}.new"));
+    let written = std::fs::write(&aside, format!("{id}\n"))
+        .and_then(|()| std::fs::File::open(&aside)?.sync_all())
+        .and_then(|()| std::fs::rename(&aside, &path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record the cluster id");
+    }
 }
 
 fn read_identity(path: &Path) -> anyhow::Result<Identity> {

@@ -567,6 +567,33 @@ async fn a_host_of_another_cluster_is_refused_and_the_others_keep_serving() -> a
     write_many(cluster.live(), &cluster.groups, 0, 40, 4).await?;
     cluster.wait_converged(LONG).await?;
 
+    // A stream a beta node opened while host 1 knew no cluster yet: host 1
+    // checks its tag with every message, not only when it opened.
+    let beta = fishchat_raft::ClusterTag::default();
+    beta.set("beta")?;
+    let early = tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        cluster.host(0)?.peer_addr()
+    ))?
+    .connect()
+    .await?;
+    let (outgoing, queued) = tokio::sync::mpsc::channel(1);
+    let mut answers = RaftPeerClient::with_interceptor(early, beta)
+        .append_stream(tokio_stream::wrappers::ReceiverStream::new(queued))
+        .await?
+        .into_inner();
+    let unknown_group = || RaftMessages {
+        messages: vec![RaftMessage {
+            group_id: 4242,
+            payload: Vec::new(),
+        }],
+    };
+    outgoing.send(unknown_group()).await?;
+    answers
+        .message()
+        .await?
+        .context("an untagged host answers a tagged stream")?;
+
     // Hosts 1 and 2 are cluster alpha; host 3 turns out to be of cluster
     // beta (formed apart, in life; here it is only told so).
     let ours: Vec<_> = cluster.live()[..2].to_vec();
@@ -587,6 +614,12 @@ async fn a_host_of_another_cluster_is_refused_and_the_others_keep_serving() -> a
             .collect()
     };
     let stranded = applied(&stranger);
+    outgoing.send(unknown_group()).await?;
+    let late = answers.message().await;
+    assert!(
+        matches!(&late, Err(s) if s.code() == tonic::Code::FailedPrecondition),
+        "the open stream is refused once host 1 knows its cluster: {late:?}"
+    );
 
     // The stranger's requests are refused before any group sees them; the
     // cluster's own (tagged alike) and untagged ones reach the groups.
