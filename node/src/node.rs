@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use fishchat_proto::client::kick::Reason;
-use fishchat_raft::{GroupHost, GroupId, HostConfig, HostError};
+use fishchat_raft::{GroupHost, GroupId, HostConfig, HostError, TagError};
 use fishchat_shard::{ChatMachine, ShardId, ShardMap};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -87,8 +87,7 @@ impl Node {
         // A data directory from before the id was recorded: its meta replica
         // knows, before the shards open.
         if let Some(record) = meta::stored(&host) {
-            host.set_cluster_tag(&record.cluster_id)?;
-            record_cluster_id(&settings.data_dir, &record.cluster_id);
+            adopt_cluster_id(&host, &settings.data_dir, &record.cluster_id)?;
         }
         for shard in 0..settings.shards {
             host.open_group(group_of(shard), ChatMachine::new(shard, map))
@@ -143,10 +142,9 @@ impl Node {
             };
             async move {
                 if let Some(record) = meta::settle(host.clone(), mine).await {
-                    if let Err(e) = host.set_cluster_tag(&record.cluster_id) {
+                    if let Err(e) = adopt_cluster_id(&host, &data_dir, &record.cluster_id) {
                         tracing::error!(error = %e, "cannot take the settled cluster's id as tag");
                     }
-                    record_cluster_id(&data_dir, &record.cluster_id);
                     let _ = cluster.set(record);
                 }
             }
@@ -320,6 +318,14 @@ fn recorded_cluster_id(data_dir: &Path) -> Option<String> {
         return None;
     }
     Some(id.to_string())
+}
+
+/// Makes `id` this node's cluster tag and records it in `data_dir` for the
+/// next start.
+fn adopt_cluster_id(host: &GroupHost, data_dir: &Path, id: &str) -> Result<(), TagError> {
+    host.set_cluster_tag(id)?;
+    record_cluster_id(data_dir, id);
+    Ok(())
 }
 
 /// Records `id` in `data_dir` (written aside, then renamed into place).

@@ -45,6 +45,13 @@ struct Failures {
     closed_until: Instant,
 }
 
+impl Failures {
+    /// How much longer the name is closed at `now`, if it is.
+    fn closed_for(&self, now: Instant) -> Option<Duration> {
+        (self.closed_until > now).then(|| self.closed_until - now)
+    }
+}
+
 /// The failed logins this node has seen, by username (case-insensitive, as
 /// usernames are).
 #[derive(Debug, Default)]
@@ -65,10 +72,13 @@ pub struct Attempt<'a> {
 impl LoginThrottle {
     /// `Err(wait)` while `username` is closed to logins at `now`.
     pub fn check(&self, username: &str, now: Instant) -> Result<(), Duration> {
-        let names = self.lock();
-        match names.get(&key(username)) {
-            Some(f) if f.closed_until > now => Err(f.closed_until - now),
-            _ => Ok(()),
+        match self
+            .lock()
+            .get(&key(username))
+            .and_then(|f| f.closed_for(now))
+        {
+            Some(wait) => Err(wait),
+            None => Ok(()),
         }
     }
 
@@ -79,8 +89,8 @@ impl LoginThrottle {
         let key = key(username);
         let mut names = self.lock();
         let failures = entry(&mut names, &key, now);
-        if failures.closed_until > now {
-            return Err(failures.closed_until - now);
+        if let Some(wait) = failures.closed_for(now) {
+            return Err(wait);
         }
         let allowed = FAILURES_TO_CLOSE.saturating_sub(failures.count).max(1);
         if failures.checking >= allowed {

@@ -158,13 +158,10 @@ async fn pump(
         let sent = messages.len();
         // A stream opened before this node knew its cluster carries no tag
         // (it went with the opening headers): open a tagged one.
-        if stream
-            .as_ref()
-            .is_some_and(|open| open.tagged != tag.is_set())
-        {
+        let tagged = tag.is_set();
+        if stream.as_ref().is_some_and(|open| open.tagged != tagged) {
             stream = None;
         }
-        let tagged = tag.is_set();
         let exchange = exchange(&client, &mut stream, tagged, RaftMessages { messages });
         let outcome = match tokio::time::timeout(ttl, exchange).await {
             Ok(outcome) => outcome,
