@@ -845,3 +845,124 @@ fn sync_from_start() -> request::Body {
 async fn other_connection(cluster: &Cluster) -> anyhow::Result<Connection> {
     Ok(Connection::connect(&config(cluster, &[3])?, &cluster.client_addr(3)).await?)
 }
+
+/// A counter or gauge of node `id`'s `/metrics`.
+fn metric(cluster: &Cluster, id: u64, name: &str) -> anyhow::Result<u64> {
+    let text = cluster.metrics(id)?;
+    let line = text
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(name))
+        .with_context(|| format!("node {id} reports no {name}"))?;
+    let value = line.split_whitespace().nth(1).unwrap_or_default();
+    Ok(value.parse::<f64>().with_context(|| format!("a value in {line}"))? as u64)
+}
+
+/// Waits until every node knows which users each of its peers holds.
+fn directories_known(cluster: &Cluster) -> anyhow::Result<()> {
+    cluster.eventually(
+        "every node knows both peers' session directories",
+        Duration::from_secs(30),
+        |cluster| {
+            for id in 1..=3 {
+                if metric(cluster, id, "fishchat_session_directory_peers_known")? != 2 {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+}
+
+/// Inbox events each node has received from its peers.
+fn received(cluster: &Cluster) -> anyhow::Result<Vec<u64>> {
+    (1..=3)
+        .map(|id| metric(cluster, id, "fishchat_peer_inbox_events_received_total"))
+        .collect()
+}
+
+#[test]
+fn inbox_events_go_only_to_nodes_holding_the_user_also_after_restarts() -> anyhow::Result<()> {
+    let _one = one_cluster_at_a_time();
+    let mut cluster = started(&[])?;
+    let carol = register(&cluster, 1, "carol")?;
+    let bob = register(&cluster, 1, "bob")?;
+    register(&cluster, 1, "alice")?;
+    let dave = register(&cluster, 1, "dave")?;
+    let rt = runtime()?;
+    directories_known(&cluster)?;
+
+    // Bob watches on node 1; Alice sends from node 3; nobody is on node 2.
+    let bob_conn = rt.block_on(Connection::connect(
+        &config(&cluster, &[1])?,
+        &cluster.client_addr(1),
+    ))?;
+    rt.block_on(login_on(&bob_conn, "bob", PASSWORD))?;
+    let mut bob_pushes = rt.block_on(bob_conn.accept_push_stream())?;
+    let alice = rt.block_on(async {
+        let alice = Client::connect(config(&cluster, &[3])?).await?;
+        alice.login("alice", PASSWORD, None).await?;
+        anyhow::Ok(alice)
+    })?;
+    let before = received(&cluster)?;
+    rt.block_on(send_many(&alice, To::User(carol), "to-carol", 10))?;
+    rt.block_on(send_many(&alice, To::User(bob), "to-bob", 1))?;
+    rt.block_on(pushed_until(&mut bob_pushes, 1, &mut BTreeMap::new()))?;
+    let after = received(&cluster)?;
+    ensure!(
+        after[1] == before[1],
+        "node 2 holds no session and was sent no inbox event: {before:?} -> {after:?}"
+    );
+    ensure!(
+        after[0] > before[0],
+        "node 1, holding bob, was sent his: {before:?} -> {after:?}"
+    );
+
+    // Node 3, the sender's node, restarts knowing nobody's sessions: it
+    // tells every peer everything, and the notify still reaches node 1.
+    cluster.kill(3)?;
+    cluster.start_node(3)?;
+    cluster.wait_ready(3, READY)?;
+    let alice = rt.block_on(async {
+        let alice = Client::connect(config(&cluster, &[3])?).await?;
+        alice.login("alice", PASSWORD, None).await?;
+        anyhow::Ok(alice)
+    })?;
+    rt.block_on(send_many(&alice, To::User(bob), "to-bob-again", 1))?;
+    rt.block_on(pushed_until(&mut bob_pushes, 2, &mut BTreeMap::new()))?;
+    // Within a keepalive it has the peers' sets again and stops.
+    directories_known(&cluster)?;
+    let before = received(&cluster)?;
+    rt.block_on(send_many(&alice, To::User(carol), "to-carol-again", 10))?;
+    let after = received(&cluster)?;
+    ensure!(
+        after[1] == before[1],
+        "the restarted node sends node 2 nothing again: {before:?} -> {after:?}"
+    );
+
+    // Node 1 restarts: a user who logs in there right after is notified of
+    // a message sent at once from node 3, whose view of node 1 was of the
+    // node's previous run.
+    drop(bob_pushes);
+    drop(bob_conn);
+    cluster.kill(1)?;
+    cluster.start_node(1)?;
+    cluster.wait_ready(1, READY)?;
+    rt.block_on(async {
+        let dave_conn =
+            Connection::connect(&config(&cluster, &[1])?, &cluster.client_addr(1)).await?;
+        login_on(&dave_conn, "dave", PASSWORD).await?;
+        let mut dave_pushes = dave_conn.accept_push_stream().await?;
+        let mut pushed = BTreeMap::new();
+        pushed_until(&mut dave_pushes, 0, &mut pushed).await?;
+        alice
+            .send(dave, "to-dave", b"hello dave".to_vec(), "text/plain")
+            .await?;
+        pushed_until(&mut dave_pushes, 1, &mut pushed).await?;
+        ensure!(
+            pushed.get(&1).is_some_and(|e| e.body == b"hello dave"),
+            "the message came inside the Notify: {pushed:?}"
+        );
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}

@@ -280,6 +280,44 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             .inc_by(count);
     }
     bound.set(i64::try_from(state.sessions.bound()).unwrap_or(i64::MAX));
+    let directory = state.chat.events.directory();
+    let peers_known = Gauge::<i64>::default();
+    registry.register(
+        "session_directory_peers_known",
+        "Peers whose set of session holders this node knows (it sends every inbox event to the others)",
+        peers_known.clone(),
+    );
+    peers_known.set(i64::try_from(directory.peers_known()).unwrap_or(i64::MAX));
+    let events_sent = Counter::<u64>::default();
+    let events_skipped = Counter::<u64>::default();
+    registry.register(
+        "peer_inbox_events_sent",
+        "Inbox events queued for peers that may hold a session of the user",
+        events_sent.clone(),
+    );
+    registry.register(
+        "peer_inbox_events_skipped",
+        "Inbox events not sent to a peer: the session directory says it holds no session of the user",
+        events_skipped.clone(),
+    );
+    let events_received = Counter::<u64>::default();
+    registry.register(
+        "peer_inbox_events_received",
+        "Inbox events received from peers (one per user per batch)",
+        events_received.clone(),
+    );
+    let stats = directory.stats();
+    events_received.inc_by(
+        stats
+            .events_received
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    events_sent.inc_by(stats.events_sent.load(std::sync::atomic::Ordering::Relaxed));
+    events_skipped.inc_by(
+        stats
+            .events_skipped
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
     if let Some(rss) = resident_bytes() {
         let resident = Gauge::<i64>::default();
         registry.register(

@@ -474,7 +474,11 @@ impl Chat {
         }
         attempt.succeeded();
         let user = account.user_id;
-        // Read before anything changes: a failure here must leave no trace.
+        // Peers report this user's commits to this node from here on; any
+        // they reported elsewhere is older than the read below.
+        self.events.announce(user).await;
+        // Read before anything changes: a failure here must leave no trace
+        // (an announcement is withdrawn by itself when no session follows).
         let latest = self.latest_version(user).await?;
         let session = self.random_u64()?;
         let expires_ms = now_ms().saturating_add(duration_ms(self.limits.token_lifetime));
@@ -524,6 +528,7 @@ impl Chat {
         effects: &mut Effects,
     ) -> Result<response::Body, Refusal> {
         let claims = self.authenticate(token, bound).await?;
+        self.events.announce(claims.user).await;
         let latest = self.latest_version(claims.user).await?;
         effects.bind = Some((
             Binding {

@@ -3,11 +3,11 @@
 //! and "session S ended", told to this node's sessions and to every peer's.
 //!
 //! The node that learns of a commit (it proposed the send, or delivered the
-//! sender's copy) tells everyone; a node holding none of the user's sessions
-//! ignores it. With a handful of nodes this costs one small batched RPC per
-//! peer per burst and needs no session directory. Events are hints: a peer
-//! that is down or slow loses them, and clients sync on reconnect and on a
-//! timer.
+//! sender's copy) tells its own sessions and the peers that the session
+//! [`Directory`] says may hold one of the user's (every peer whose set it
+//! does not know), in one batched RPC per peer per burst. Session ends go to
+//! every peer. Events are hints: a peer that is down or slow loses them, and
+//! clients sync on reconnect and on a timer.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,13 +16,16 @@ use std::time::Duration;
 use fishchat_proto::client::kick::Reason;
 use fishchat_proto::peer::session_peer_client::SessionPeerClient;
 use fishchat_proto::peer::session_peer_server::{SessionPeer, SessionPeerServer};
-use fishchat_proto::peer::{InboxAdvanced, SessionEnded, SessionEvents, SessionEventsAck};
+use fishchat_proto::peer::{
+    DirectoryAck, DirectoryUpdate, InboxAdvanced, SessionEnded, SessionEvents, SessionEventsAck,
+};
 use fishchat_raft::ClusterTag;
 use fishchat_shard::UserId;
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::directory::{CallOutcome, Directory, KEEPALIVE};
 use crate::news::{InboxNews, SharedEntry};
 use crate::sessions::Sessions;
 
@@ -46,6 +49,7 @@ enum Event {
 /// The queues of one peer: inbox events may be dropped when the peer falls
 /// behind; session ends (kicks) are never dropped and are retried.
 struct PeerQueues {
+    node_id: u64,
     advanced: mpsc::Sender<Event>,
     ended: mpsc::UnboundedSender<Event>,
     client: PeerClient,
@@ -57,16 +61,24 @@ type PeerClient = SessionPeerClient<InterceptedService<Channel, ClusterTag>>;
 /// Tells this node's and every peer's sessions about commits and revocations.
 pub struct Events {
     sessions: Arc<Sessions>,
+    directory: Arc<Directory>,
     peers: Vec<PeerQueues>,
 }
 
 impl Events {
-    /// Events for `sessions` here and for the nodes at `peer_addrs` (gRPC
-    /// `host:port`, this node excluded); requests to them carry `tag`.
-    pub fn new(sessions: Arc<Sessions>, peer_addrs: &[String], tag: ClusterTag) -> Self {
-        let peers = peer_addrs
+    /// Events for `sessions` here and for the peers in `peer_addrs` (node id,
+    /// gRPC `host:port`; this node excluded), sent as `directory` says;
+    /// requests to them carry `tag`. Also keeps the peers' view of this
+    /// node's sessions up to date.
+    pub fn new(
+        sessions: Arc<Sessions>,
+        directory: Arc<Directory>,
+        peer_addrs: &[(u64, String)],
+        tag: ClusterTag,
+    ) -> Self {
+        let peers: Vec<PeerQueues> = peer_addrs
             .iter()
-            .filter_map(|addr| {
+            .filter_map(|(node_id, addr)| {
                 let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                     .map_err(|e| tracing::error!(%addr, error = %e, "bad peer address"))
                     .ok()?
@@ -77,20 +89,58 @@ impl Events {
                 let client =
                     SessionPeerClient::with_interceptor(endpoint.connect_lazy(), tag.clone());
                 tokio::spawn(forward(client.clone(), advanced_rx, ended_rx));
+                if let Some(index) = directory.peers().position(|peer| peer == *node_id) {
+                    tokio::spawn(tell_directory(directory.clone(), index, client.clone()));
+                }
                 Some(PeerQueues {
+                    node_id: *node_id,
                     advanced,
                     ended,
                     client,
                 })
             })
             .collect();
-        Self { sessions, peers }
+        tokio::spawn({
+            let directory = Arc::downgrade(&directory);
+            let sessions = Arc::downgrade(&sessions);
+            async move {
+                let mut tick = tokio::time::interval(KEEPALIVE);
+                loop {
+                    tick.tick().await;
+                    let (Some(directory), Some(sessions)) =
+                        (directory.upgrade(), sessions.upgrade())
+                    else {
+                        return;
+                    };
+                    directory.sweep(std::time::Instant::now(), |user| sessions.holds(user));
+                }
+            }
+        });
+        Self {
+            sessions,
+            directory,
+            peers,
+        }
+    }
+
+    /// Tells every peer that this node holds a session of `user`; returns
+    /// once the reachable ones took it (see [`Directory::announce`]).
+    pub async fn announce(&self, user: UserId) {
+        self.directory.announce(user).await;
+    }
+
+    /// The session directory.
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.directory
     }
 
     /// `user`'s inbox reached `version` (committed); `entry` is the entry
     /// at `version`, when the caller has it.
     pub fn inbox_advanced(&self, user: UserId, version: u64, entry: Option<SharedEntry>) {
         for peer in &self.peers {
+            if !self.directory.peer_wants(peer.node_id, user) {
+                continue;
+            }
             let _ = peer
                 .advanced
                 .try_send(Event::Advanced(user, version, entry.clone()));
@@ -138,8 +188,14 @@ impl Events {
     }
 
     /// The gRPC service that receives peers' events.
-    pub fn service(sessions: Arc<Sessions>) -> SessionPeerServer<Receiver> {
-        SessionPeerServer::new(Receiver { sessions })
+    pub fn service(
+        sessions: Arc<Sessions>,
+        directory: Arc<Directory>,
+    ) -> SessionPeerServer<Receiver> {
+        SessionPeerServer::new(Receiver {
+            sessions,
+            directory,
+        })
     }
 }
 
@@ -214,9 +270,31 @@ async fn forward(
     }
 }
 
+/// Sends the peer at `index` of `directory` this node's session directory,
+/// until the node stops.
+async fn tell_directory(directory: Arc<Directory>, index: usize, client: PeerClient) {
+    directory
+        .run_link(index, |update| {
+            let mut client = client.clone();
+            async move {
+                let mut request = tonic::Request::new(update);
+                request.set_timeout(RPC_TIMEOUT);
+                match client.directory(request).await {
+                    Ok(ack) => CallOutcome::Taken(ack.into_inner()),
+                    Err(status) => {
+                        tracing::debug!(error = %status, "peer missed a directory update");
+                        CallOutcome::Failed
+                    }
+                }
+            }
+        })
+        .await;
+}
+
 /// The receiving side of [`Events`].
 pub struct Receiver {
     sessions: Arc<Sessions>,
+    directory: Arc<Directory>,
 }
 
 #[tonic::async_trait]
@@ -226,6 +304,11 @@ impl SessionPeer for Receiver {
         request: tonic::Request<SessionEvents>,
     ) -> Result<tonic::Response<SessionEventsAck>, tonic::Status> {
         let events = request.into_inner();
+        let received = u64::try_from(events.advanced.len()).unwrap_or(u64::MAX);
+        self.directory
+            .stats()
+            .events_received
+            .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
         for advanced in events.advanced {
             let user = advanced.user_id;
             for entry in advanced.entries {
@@ -242,5 +325,14 @@ impl SessionPeer for Receiver {
                 .session_ended(ended.user_id, ended.session_id, reason);
         }
         Ok(tonic::Response::new(SessionEventsAck {}))
+    }
+
+    async fn directory(
+        &self,
+        request: tonic::Request<DirectoryUpdate>,
+    ) -> Result<tonic::Response<DirectoryAck>, tonic::Status> {
+        Ok(tonic::Response::new(
+            self.directory.receive(request.into_inner()),
+        ))
     }
 }

@@ -11,7 +11,8 @@
 //! in [`meta`]), the client endpoint
 //! ([`quic`]) and the operations it serves ([`chat`], with failed logins
 //! throttled by [`throttle`]), the session table and
-//! its cluster-wide events ([`sessions`], [`events`], [`news`]), the outbox pump
+//! its cluster-wide events ([`sessions`], [`events`], [`news`], with the
+//! [`directory`] of which node holds whose sessions), the outbox pump
 //! ([`outbox`]) and the admin API ([`admin`]). It promises that a node
 //! started on an empty data directory with a peer list forms the shards with
 //! those peers, that a node restarted on its data directory rejoins them, and
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod chat;
 pub mod config;
 pub mod courier;
+pub mod directory;
 pub mod events;
 pub mod groups;
 pub mod meta;

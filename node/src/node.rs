@@ -18,6 +18,7 @@ use crate::admin;
 use crate::chat::Chat;
 use crate::config::Settings;
 use crate::courier::Courier;
+use crate::directory::Directory;
 use crate::events::Events;
 use crate::meta::{self, ClusterRecord, MetaMachine, META_GROUP};
 use crate::quic::ClientEndpoint;
@@ -67,6 +68,13 @@ impl Node {
         let keys = tls::load(&settings.tls_dir)?;
         let map = ShardMap::new(settings.shards).context("a cluster needs at least one shard")?;
         let sessions = Arc::new(Sessions::default());
+        let peer_ids: Vec<u64> = settings
+            .peers
+            .keys()
+            .copied()
+            .filter(|id| *id != settings.node_id)
+            .collect();
+        let directory = Arc::new(Directory::new(settings.node_id, &peer_ids, incarnation()?));
         let mut host_config =
             HostConfig::new(settings.node_id, &settings.data_dir, settings.peer_listen);
         host_config.timing = settings.timing.clone();
@@ -75,6 +83,7 @@ impl Node {
         host_config.peer_routes = settings.peer_routes.clone();
         host_config.services = Some(tonic::service::Routes::new(Events::service(
             sessions.clone(),
+            directory.clone(),
         )));
         let host = Arc::new(GroupHost::start(host_config).await?);
         let fresh = host.stored_groups()?.is_empty();
@@ -97,14 +106,15 @@ impl Node {
         // forming must still initialise its share; initialised shards refuse.
         form_cluster(&host, &settings).await?;
 
-        let other_peers: Vec<String> = settings
+        let other_peers: Vec<(u64, String)> = settings
             .peers
             .iter()
             .filter(|(id, _)| **id != settings.node_id)
-            .map(|(id, addr)| settings.peer_routes.get(id).unwrap_or(addr).clone())
+            .map(|(id, addr)| (*id, settings.peer_routes.get(id).unwrap_or(addr).clone()))
             .collect();
         let events = Arc::new(Events::new(
             sessions.clone(),
+            directory,
             &other_peers,
             host.cluster_tag(),
         ));
@@ -278,6 +288,14 @@ async fn form_cluster(host: &GroupHost, settings: &Settings) -> anyhow::Result<(
 
 /// Records the data directory's identity on first use, and refuses a
 /// directory made for another node id or shard count.
+/// A random number naming this run of the process in the session directory.
+fn incarnation() -> anyhow::Result<u64> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("the random source failed"))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
 fn check_identity(settings: &Settings) -> anyhow::Result<()> {
     let path = settings.data_dir.join("identity.json");
     let wanted = Identity {

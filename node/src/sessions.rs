@@ -128,6 +128,11 @@ impl Sessions {
         }
     }
 
+    /// Whether a connection of `user` is bound here.
+    pub fn holds(&self, user: UserId) -> bool {
+        self.lock().contains_key(&user)
+    }
+
     /// Tells every connection of `user` that the inbox reached `version`,
     /// with its `entry` there when the caller has it.
     pub fn inbox_advanced(&self, user: UserId, version: u64, entry: Option<SharedEntry>) {
