@@ -854,7 +854,9 @@ fn metric(cluster: &Cluster, id: u64, name: &str) -> anyhow::Result<u64> {
         .find(|line| line.split_whitespace().next() == Some(name))
         .with_context(|| format!("node {id} reports no {name}"))?;
     let value = line.split_whitespace().nth(1).unwrap_or_default();
-    Ok(value.parse::<f64>().with_context(|| format!("a value in {line}"))? as u64)
+    Ok(value
+        .parse::<f64>()
+        .with_context(|| format!("a value in {line}"))? as u64)
 }
 
 /// Waits until every node knows which users each of its peers holds.

@@ -475,8 +475,9 @@ impl Chat {
         attempt.succeeded();
         let user = account.user_id;
         // Peers report this user's commits to this node from here on; any
-        // they reported elsewhere is older than the read below.
-        self.events.announce(user).await;
+        // they reported elsewhere is older than the read below, and any
+        // reported before the binding reaches it.
+        self.events.expect(user).await;
         // Read before anything changes: a failure here must leave no trace
         // (an announcement is withdrawn by itself when no session follows).
         let latest = self.latest_version(user).await?;
@@ -528,7 +529,7 @@ impl Chat {
         effects: &mut Effects,
     ) -> Result<response::Body, Refusal> {
         let claims = self.authenticate(token, bound).await?;
-        self.events.announce(claims.user).await;
+        self.events.expect(claims.user).await;
         let latest = self.latest_version(claims.user).await?;
         effects.bind = Some((
             Binding {

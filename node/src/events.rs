@@ -112,7 +112,9 @@ impl Events {
                     else {
                         return;
                     };
-                    directory.sweep(std::time::Instant::now(), |user| sessions.holds(user));
+                    let now = std::time::Instant::now();
+                    directory.sweep(now, |user| sessions.holds(user));
+                    sessions.forget_expected(now);
                 }
             }
         });
@@ -123,9 +125,12 @@ impl Events {
         }
     }
 
-    /// Tells every peer that this node holds a session of `user`; returns
-    /// once the reachable ones took it (see [`Directory::announce`]).
-    pub async fn announce(&self, user: UserId) {
+    /// A login for `user` is under way: this node's table keeps news of
+    /// the user for the binding ([`Sessions::expect`]), and every peer is told
+    /// that this node holds a session of `user`; returns once the reachable
+    /// ones took it (see [`Directory::announce`]).
+    pub async fn expect(&self, user: UserId) {
+        self.sessions.expect(user);
         self.directory.announce(user).await;
     }
 

@@ -167,8 +167,13 @@ impl Conn {
                 pushes
             }
         };
-        self.sessions
-            .bind(binding.user, self.id, binding.session, pushes);
+        let seen = self
+            .sessions
+            .bind(binding.user, self.id, binding.session, pushes.clone());
+        if seen > latest {
+            // News that came between the login's read and this binding.
+            pushes.notify(seen, None);
+        }
     }
 }
 

@@ -6,9 +6,18 @@
 //! [`InboxNews`] not yet written (the newest version and a bounded run of
 //! the newest entries), so a slow reader costs bounded memory and misses
 //! only what a Sync gives it. A Kick is never dropped.
+//!
+//! A Login or Resume reads the inbox's latest version for the session's first
+//! Notify, then binds its connection. News of the user that arrives between
+//! the two finds no binding; so the login first says it [`expects`] the user,
+//! and the table keeps the newest version it hears of for a while
+//! ([`EXPECTED_FOR`]), which the binding then gets.
+//!
+//! [`expects`]: Sessions::expect
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use fishchat_proto::client::kick::Reason;
 use fishchat_shard::UserId;
@@ -95,49 +104,87 @@ struct Binding {
     pushes: Arc<Pushes>,
 }
 
+/// How long news of a user is kept for a login that said it expects the
+/// user: far longer than a login takes.
+pub const EXPECTED_FOR: Duration = Duration::from_secs(60);
+
 /// Every bound connection of this node, by user, and the sessions recently
 /// confirmed not revoked.
 #[derive(Default)]
 pub struct Sessions {
-    by_user: Mutex<HashMap<UserId, Vec<Binding>>>,
+    table: Mutex<Table>,
     confirmations: Confirmations,
 }
 
+#[derive(Default)]
+struct Table {
+    by_user: HashMap<UserId, Vec<Binding>>,
+    /// Users a login is under way for: since when, and the newest version
+    /// heard of since.
+    expected: HashMap<UserId, (Instant, u64)>,
+}
+
 impl Sessions {
+    /// A login for `user` is under way: news of the user from now on is
+    /// kept for its binding.
+    pub fn expect(&self, user: UserId) {
+        let mut table = self.lock();
+        let now = Instant::now();
+        table
+            .expected
+            .entry(user)
+            .and_modify(|(since, _)| *since = now)
+            .or_insert((now, 0));
+    }
+
+    /// Forgets expected users whose login began [`EXPECTED_FOR`] before `now`.
+    pub fn forget_expected(&self, now: Instant) {
+        self.lock()
+            .expected
+            .retain(|_, (since, _)| now.saturating_duration_since(*since) < EXPECTED_FOR);
+    }
+
     /// Binds connection `conn` to `session` of `user` (replacing an earlier
-    /// binding of the same connection).
-    pub fn bind(&self, user: UserId, conn: u64, session: u64, pushes: Arc<Pushes>) {
-        let mut by_user = self.lock();
-        let bindings = by_user.entry(user).or_default();
+    /// binding of the same connection). Returns the newest version of the
+    /// user's inbox heard of since the login said it expects the user (0:
+    /// none), which the connection's first Notify may not know.
+    pub fn bind(&self, user: UserId, conn: u64, session: u64, pushes: Arc<Pushes>) -> u64 {
+        let mut table = self.lock();
+        let seen = table.expected.get(&user).map_or(0, |(_, version)| *version);
+        let bindings = table.by_user.entry(user).or_default();
         bindings.retain(|b| b.conn != conn);
         bindings.push(Binding {
             conn,
             session,
             pushes,
         });
+        seen
     }
 
     /// Forgets connection `conn` of `user` (it closed).
     pub fn unbind(&self, user: UserId, conn: u64) {
-        let mut by_user = self.lock();
-        if let Some(bindings) = by_user.get_mut(&user) {
+        let mut table = self.lock();
+        if let Some(bindings) = table.by_user.get_mut(&user) {
             bindings.retain(|b| b.conn != conn);
             if bindings.is_empty() {
-                by_user.remove(&user);
+                table.by_user.remove(&user);
             }
         }
     }
 
     /// Whether a connection of `user` is bound here.
     pub fn holds(&self, user: UserId) -> bool {
-        self.lock().contains_key(&user)
+        self.lock().by_user.contains_key(&user)
     }
 
     /// Tells every connection of `user` that the inbox reached `version`,
     /// with its `entry` there when the caller has it.
     pub fn inbox_advanced(&self, user: UserId, version: u64, entry: Option<SharedEntry>) {
-        let by_user = self.lock();
-        for binding in by_user.get(&user).into_iter().flatten() {
+        let mut table = self.lock();
+        if let Some((_, seen)) = table.expected.get_mut(&user) {
+            *seen = (*seen).max(version);
+        }
+        for binding in table.by_user.get(&user).into_iter().flatten() {
             binding.pushes.notify(version, entry.clone());
         }
     }
@@ -151,7 +198,8 @@ impl Sessions {
     /// and its connections are kicked.
     pub fn session_ended(&self, user: UserId, session: u64, reason: Reason) {
         self.confirmations.ended(user, session);
-        let mut by_user = self.lock();
+        let mut table = self.lock();
+        let by_user = &mut table.by_user;
         if let Some(bindings) = by_user.get_mut(&user) {
             bindings.retain(|b| {
                 if b.session != session {
@@ -168,20 +216,20 @@ impl Sessions {
 
     /// Kicks every bound connection (the node is stopping).
     pub fn end_all(&self, reason: Reason) {
-        let mut by_user = self.lock();
-        for binding in by_user.values().flatten() {
+        let mut table = self.lock();
+        for binding in table.by_user.values().flatten() {
             binding.pushes.kick(reason);
         }
-        by_user.clear();
+        table.by_user.clear();
     }
 
     /// How many connections are bound.
     pub fn bound(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
+        self.lock().by_user.values().map(Vec::len).sum()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, Vec<Binding>>> {
-        self.by_user.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -224,6 +272,29 @@ mod tests {
         sessions.unbind(7, 2);
         sessions.unbind(8, 3);
         assert_eq!(sessions.bound(), 0);
+    }
+
+    #[test]
+    fn news_between_a_logins_read_and_its_binding_reaches_the_binding() {
+        let sessions = Sessions::default();
+        let pushes = Arc::new(Pushes::default());
+        sessions.inbox_advanced(7, 3, None);
+        sessions.expect(7);
+        // The login read version 3; version 4 commits before it binds.
+        sessions.inbox_advanced(7, 4, None);
+        sessions.inbox_advanced(8, 9, None);
+        assert_eq!(sessions.bind(7, 1, 100, pushes.clone()), 4);
+        assert_eq!(sessions.bind(8, 2, 200, pushes), 0, "8 was not expected");
+
+        sessions.forget_expected(Instant::now() + EXPECTED_FOR / 2);
+        sessions.inbox_advanced(7, 5, None);
+        assert_eq!(sessions.bind(7, 3, 300, Arc::new(Pushes::default())), 5);
+        sessions.forget_expected(Instant::now() + EXPECTED_FOR);
+        assert_eq!(
+            sessions.bind(7, 4, 400, Arc::new(Pushes::default())),
+            0,
+            "forgotten after a while"
+        );
     }
 
     #[tokio::test]
