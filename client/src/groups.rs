@@ -123,9 +123,37 @@ impl Client {
         }
     }
 
-    /// The groups the logged-in user is a member of, by group id.
+    /// Every group the logged-in user is a member of, by group id: all the
+    /// pages of [`Client::list_groups_page`].
     pub async fn list_groups(&self) -> Result<ListGroupsResponse, ClientError> {
-        let body = request::Body::ListGroups(ListGroupsRequest {});
+        let mut all = ListGroupsResponse::default();
+        loop {
+            let after = all.groups.last().map_or(0, |g| g.group_id);
+            let page = self.list_groups_page(after, 0).await?;
+            if page.more && page.groups.is_empty() {
+                return Err(ClientError::Protocol(
+                    "a list_groups page was empty but said more follow".to_string(),
+                ));
+            }
+            all.groups.extend(page.groups);
+            if !page.more {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// One page of the user's groups: those with ids above `after_group_id`
+    /// (0: from the first), at most `limit` (0: the server's page size), and
+    /// whether more follow.
+    pub async fn list_groups_page(
+        &self,
+        after_group_id: u64,
+        limit: u32,
+    ) -> Result<ListGroupsResponse, ClientError> {
+        let body = request::Body::ListGroups(ListGroupsRequest {
+            after_group_id,
+            limit,
+        });
         match self.call(body, true).await? {
             response::Body::ListGroups(answer) => Ok(answer),
             other => Err(unexpected("list_groups", &other)),

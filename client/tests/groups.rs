@@ -71,6 +71,36 @@ async fn a_create_group_whose_answer_was_lost_makes_one_group() {
 }
 
 #[tokio::test]
+async fn list_groups_reads_every_page() {
+    let cluster = FakeCluster::new();
+    let node = cluster.start_node().await;
+    let alice = logged_in(cluster.config(&[&node]), "alice").await;
+    let mut created = Vec::new();
+    for name in ["a", "b", "c", "d", "e"] {
+        created.push(
+            alice
+                .create_group(name, &[])
+                .await
+                .expect("created")
+                .group_id,
+        );
+    }
+    // The fake answers pages of two: the first says more follow.
+    let first = alice.list_groups_page(0, 0).await.expect("a page");
+    assert_eq!(first.groups.len(), 2);
+    assert!(first.more);
+    let listed: Vec<u64> = alice
+        .list_groups()
+        .await
+        .expect("list")
+        .groups
+        .iter()
+        .map(|g| g.group_id)
+        .collect();
+    assert_eq!(listed, created, "all five, in id order, from three pages");
+}
+
+#[tokio::test]
 async fn send_group_sends_the_expected_request_and_returns_the_response() {
     let cluster = FakeCluster::new();
     let node = cluster.start_node().await;

@@ -432,6 +432,38 @@ fn membership_rules_hold_and_the_cli_drives_groups() -> anyhow::Result<()> {
         );
         ensure!(users["carol"].0.list_groups().await?.groups.is_empty());
 
+        // Frank (in no group so far) creates five; ListGroups pages them
+        // in group id order, and the SDK's list_groups reads every page.
+        let frank = &users["frank"].0;
+        let mut created = Vec::new();
+        for i in 0..5 {
+            created.push(frank.create_group(&format!("own-{i}"), &[]).await?.group_id);
+        }
+        created.sort_unstable();
+        let mut paged = Vec::new();
+        let mut after = 0;
+        for (expected_len, expected_more) in [(2, true), (2, true), (1, false)] {
+            let page = frank.list_groups_page(after, 2).await?;
+            ensure!(
+                page.groups.len() == expected_len && page.more == expected_more,
+                "a page of {expected_len}, more = {expected_more}: {page:?}"
+            );
+            paged.extend(page.groups.iter().map(|g| g.group_id));
+            after = page.groups.last().map_or(after, |g| g.group_id);
+        }
+        ensure!(
+            paged == created,
+            "pages in id order: {paged:?} vs {created:?}"
+        );
+        let all: Vec<u64> = frank
+            .list_groups()
+            .await?
+            .groups
+            .iter()
+            .map(|g| g.group_id)
+            .collect();
+        ensure!(all == created, "every group listed: {all:?}");
+
         let dave_entries = entries_when(dave, group, patience, |e| !messages(e).is_empty()).await?;
         let first = dave_entries.first().and_then(|e| e.group_event.clone());
         ensure!(

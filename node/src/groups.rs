@@ -22,8 +22,8 @@ use crate::node::group_of;
 const MAX_REQUEST_KEY: usize = 128;
 /// Usernames looked up at once when a group is created.
 const LOOKUPS_IN_FLIGHT: usize = 32;
-/// Memberships read per scan when listing a user's groups.
-const LIST_CHUNK: usize = 256;
+/// Most groups in one ListGroups answer.
+const LIST_PAGE: usize = 256;
 
 impl Chat {
     /// Answers one group operation of `user`.
@@ -72,7 +72,7 @@ impl Chat {
             request::Body::GroupMembers(members) => {
                 self.group_members(user, members.group_id).await
             }
-            request::Body::ListGroups(_) => self.list_groups(user).await,
+            request::Body::ListGroups(page) => self.list_groups(user, page).await,
             request::Body::GroupSend(send) => self.group_send(user, send).await,
             _ => Err(Refusal::new(ErrorCode::BadRequest, "not a group operation")),
         }
@@ -259,36 +259,45 @@ impl Chat {
         }))
     }
 
-    async fn list_groups(&self, user: UserId) -> Result<response::Body, Refusal> {
+    async fn list_groups(
+        &self,
+        user: UserId,
+        page: wire::ListGroupsRequest,
+    ) -> Result<response::Body, Refusal> {
         let group = group_of(self.map.shard_of_user(user));
         let (mut from, to) = memberships_range(user);
+        if page.after_group_id > 0 {
+            // Just past the membership key of `after_group_id`.
+            from.extend_from_slice(&page.after_group_id.to_be_bytes());
+            from.push(0);
+        }
+        let limit = match page.limit as usize {
+            0 => LIST_PAGE,
+            asked => asked.min(LIST_PAGE),
+        };
+        // One more row than the page says whether more follow.
+        let rows = self.host.scan(group, &from, &to, limit + 1).await?;
         let budget = (self.limits.max_frame_bytes as usize).saturating_sub(64);
         let mut used = 0;
         let mut groups = Vec::new();
-        'scan: loop {
-            let rows = self.host.scan(group, &from, &to, LIST_CHUNK).await?;
-            let last_chunk = rows.len() < LIST_CHUNK;
-            for (key, name) in rows {
-                let Some(group_id) = membership_group(&key) else {
-                    continue;
-                };
-                used += name.len() + 16;
-                if used > budget {
-                    break 'scan;
-                }
-                groups.push(wire::GroupSummary {
-                    group_id,
-                    name: String::from_utf8_lossy(&name).into_owned(),
-                });
-                from = key;
-                from.push(0);
-            }
-            if last_chunk {
+        let mut more = false;
+        for (key, name) in rows {
+            let Some(group_id) = membership_group(&key) else {
+                continue;
+            };
+            used += name.len() + 16;
+            if groups.len() == limit || used > budget {
+                more = true;
                 break;
             }
+            groups.push(wire::GroupSummary {
+                group_id,
+                name: String::from_utf8_lossy(&name).into_owned(),
+            });
         }
         Ok(response::Body::ListGroups(wire::ListGroupsResponse {
             groups,
+            more,
         }))
     }
 

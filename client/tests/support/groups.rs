@@ -238,19 +238,34 @@ pub(super) fn answer(
                 members,
             }))
         }
-        request::Body::ListGroups(_) => {
-            let groups = world
+        request::Body::ListGroups(page) => {
+            // Pages of two at most, so the SDK's paging is exercised.
+            let limit = match page.limit {
+                0 => 2,
+                asked => asked.min(2) as usize,
+            };
+            let mut groups: Vec<GroupSummary> = world
                 .groups
                 .groups
                 .iter()
                 .zip(1u64..)
-                .filter(|(group, _)| !group.dissolved && group.role(user).is_some())
+                .filter(|(group, group_id)| {
+                    *group_id > page.after_group_id
+                        && !group.dissolved
+                        && group.role(user).is_some()
+                })
                 .map(|(group, group_id)| GroupSummary {
                     group_id,
                     name: group.name.clone(),
                 })
+                .take(limit + 1)
                 .collect();
-            Ok(response::Body::ListGroups(ListGroupsResponse { groups }))
+            let more = groups.len() > limit;
+            groups.truncate(limit);
+            Ok(response::Body::ListGroups(ListGroupsResponse {
+                groups,
+                more,
+            }))
         }
         request::Body::GroupSend(s) => {
             let key = (user, s.client_msg_id.clone());
