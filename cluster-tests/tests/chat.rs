@@ -875,6 +875,9 @@ fn directories_known(cluster: &Cluster) -> anyhow::Result<()> {
     )
 }
 
+/// Long enough for a node's queued session events to reach every peer.
+const EVENTS_SETTLE: Duration = Duration::from_millis(500);
+
 /// Inbox events each node has received from its peers.
 fn received(cluster: &Cluster) -> anyhow::Result<Vec<u64>> {
     (1..=3)
@@ -909,6 +912,9 @@ fn inbox_events_go_only_to_nodes_holding_the_user_also_after_restarts() -> anyho
     rt.block_on(send_many(&alice, To::User(carol), "to-carol", 10))?;
     rt.block_on(send_many(&alice, To::User(bob), "to-bob", 1))?;
     rt.block_on(pushed_until(&mut bob_pushes, 1, &mut BTreeMap::new()))?;
+    // Bob's push shows node 3's events went out; give the queue to node 2
+    // (had it one) time to flush as well.
+    std::thread::sleep(EVENTS_SETTLE);
     let after = received(&cluster)?;
     ensure!(
         after[1] == before[1],
@@ -935,6 +941,9 @@ fn inbox_events_go_only_to_nodes_holding_the_user_also_after_restarts() -> anyho
     directories_known(&cluster)?;
     let before = received(&cluster)?;
     rt.block_on(send_many(&alice, To::User(carol), "to-carol-again", 10))?;
+    rt.block_on(send_many(&alice, To::User(bob), "to-bob-last", 1))?;
+    rt.block_on(pushed_until(&mut bob_pushes, 3, &mut BTreeMap::new()))?;
+    std::thread::sleep(EVENTS_SETTLE);
     let after = received(&cluster)?;
     ensure!(
         after[1] == before[1],

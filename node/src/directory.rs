@@ -15,9 +15,14 @@
 //! - A user with no session here for [`FORGET_AFTER`] is withdrawn; until
 //!   then peers send events this node ignores, which costs only the bytes.
 //! - A peer whose whole set this node does not hold gets every event, as
-//!   before the directory: after either side starts, and after an update
-//!   from an incarnation it has no set of. It asks for the set in its next
-//!   answer; an idle sender calls every [`KEEPALIVE`] to hear that.
+//!   before the directory: after either side starts, after an update from
+//!   an incarnation it has no set of, and when the peer has not heard from
+//!   this node for [`VIEW_TTL`] (its calls may be failing one way only).
+//!   It asks for the set in its next answer; an idle sender calls every
+//!   [`KEEPALIVE`] to hear that.
+//! - Updates are numbered; within an incarnation one numbered below the last
+//!   taken arrived late (its call had failed and was replaced by a whole
+//!   set) and is ignored.
 //!
 //! Events stay hints (G7): a peer cut off when a user was announced learns
 //! of it with the whole set once it answers again, and the client syncs on
@@ -39,6 +44,9 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(120);
 /// An idle link calls its peer this often, to learn whether it wants the
 /// whole set; it is also how often withdrawn users are looked for.
 pub const KEEPALIVE: Duration = Duration::from_secs(10);
+/// A peer's set not refreshed this long is no longer trusted: three
+/// keepalives missed.
+pub const VIEW_TTL: Duration = Duration::from_secs(30);
 
 /// This node's side of the directory: what it announced to its peers, and
 /// what each peer announced to it.
@@ -80,6 +88,8 @@ struct Held {
 /// What one peer has yet to take. `added` and `removed` never share a user:
 /// a later change replaces an earlier one.
 struct Pending {
+    /// No link serves this peer (its address is unusable): nothing is kept.
+    forsaken: bool,
     full: bool,
     added: HashSet<UserId>,
     removed: HashSet<UserId>,
@@ -108,30 +118,49 @@ pub struct Batch {
 #[derive(Debug, Default)]
 struct View {
     incarnation: u64,
+    /// The number of the last update taken.
+    seq: u64,
+    /// When the last update was taken.
+    heard: Option<Instant>,
     /// `None`: not known; the peer gets every event.
     users: Option<HashSet<UserId>>,
 }
 
 impl View {
-    fn wants(&self, user: UserId) -> bool {
-        self.users
-            .as_ref()
-            .is_none_or(|users| users.contains(&user))
+    /// The peer's set, if this node holds one it still trusts at `now`.
+    fn known(&self, now: Instant) -> Option<&HashSet<UserId>> {
+        let fresh = self
+            .heard
+            .is_some_and(|heard| now.saturating_duration_since(heard) < VIEW_TTL);
+        self.users.as_ref().filter(|_| fresh)
     }
 
-    /// Takes `update`; returns whether the sender must send its whole set.
-    fn apply(&mut self, update: DirectoryUpdate) -> bool {
+    fn wants(&self, user: UserId, now: Instant) -> bool {
+        self.known(now).is_none_or(|users| users.contains(&user))
+    }
+
+    /// Takes `update` at `now`; returns whether the sender must send its
+    /// whole set.
+    fn apply(&mut self, update: DirectoryUpdate, now: Instant) -> bool {
+        if self.users.is_some() && update.incarnation == self.incarnation && update.seq < self.seq {
+            return false; // late: a newer update was taken
+        }
         if update.full {
             self.incarnation = update.incarnation;
+            self.seq = update.seq;
+            self.heard = Some(now);
             self.users = Some(update.added.into_iter().collect());
             return false;
         }
+        let current = self.known(now).is_some() && self.incarnation == update.incarnation;
         match &mut self.users {
-            Some(users) if self.incarnation == update.incarnation => {
+            Some(users) if current => {
                 for user in update.removed {
                     users.remove(&user);
                 }
                 users.extend(update.added);
+                self.seq = update.seq;
+                self.heard = Some(now);
                 false
             }
             _ => {
@@ -170,6 +199,7 @@ impl Directory {
         let pending = peers
             .iter()
             .map(|_| Pending {
+                forsaken: false,
                 full: true,
                 added: HashSet::new(),
                 removed: HashSet::new(),
@@ -205,9 +235,10 @@ impl Directory {
 
     /// How many peers' sets this node holds.
     pub fn peers_known(&self) -> usize {
+        let now = Instant::now();
         self.views
             .values()
-            .filter(|view| lock(view).users.is_some())
+            .filter(|view| lock(view).known(now).is_some())
             .count()
     }
 
@@ -217,7 +248,7 @@ impl Directory {
         let wants = self
             .views
             .get(&node_id)
-            .is_none_or(|view| lock(view).wants(user));
+            .is_none_or(|view| lock(view).wants(user, Instant::now()));
         let counter = if wants {
             &self.stats.events_sent
         } else {
@@ -237,7 +268,7 @@ impl Directory {
             return DirectoryAck { wants_full: false };
         };
         DirectoryAck {
-            wants_full: lock(view).apply(update),
+            wants_full: lock(view).apply(update, Instant::now()),
         }
     }
 
@@ -269,7 +300,7 @@ impl Directory {
         local.seq += 1;
         let seq = local.seq;
         local.users.insert(user, Held { seq, touched: now });
-        for pending in &mut local.pending {
+        for pending in local.pending.iter_mut().filter(|p| !p.forsaken) {
             pending.removed.remove(&user);
             pending.added.insert(user);
         }
@@ -298,7 +329,7 @@ impl Directory {
             }
             local.users.remove(&user);
             local.seq += 1;
-            for pending in &mut local.pending {
+            for pending in local.pending.iter_mut().filter(|p| !p.forsaken) {
                 pending.added.remove(&user);
                 pending.removed.insert(user);
             }
@@ -307,6 +338,20 @@ impl Directory {
         drop(local);
         if withdrawn {
             self.wake_links();
+        }
+    }
+
+    /// No link will serve the peer at `index` (its address is unusable):
+    /// announcements stop waiting for it and nothing is kept for it.
+    pub fn forsake(&self, index: usize) {
+        if let Some(pending) = lock(&self.local).pending.get_mut(index) {
+            pending.forsaken = true;
+            pending.added.clear();
+            pending.removed.clear();
+        }
+        if let Some(link) = self.links.get(index) {
+            link.reachable.store(false, Ordering::Relaxed);
+            link.taken.send_modify(|_| {});
         }
     }
 
@@ -352,6 +397,7 @@ impl Directory {
                 full,
                 added,
                 removed,
+                seq: upto,
             },
             upto,
         }
@@ -447,6 +493,7 @@ mod tests {
         users.sort_unstable();
         assert_eq!(users, vec![10, 11]);
         assert_eq!((first.upto, first.update.incarnation), (2, 77));
+        assert_eq!(first.update.seq, 2);
         assert!(!directory.settle(0, &first, taken()));
 
         directory.announced(12, t0);
@@ -529,6 +576,7 @@ mod tests {
             full: false,
             added,
             removed,
+            seq: 0,
         };
         assert!(directory.receive(change(7, vec![5], vec![])).wants_full);
         assert!(directory.peer_wants(1, 42));
@@ -539,6 +587,7 @@ mod tests {
             full: true,
             added: vec![5, 6],
             removed: vec![],
+            seq: 0,
         };
         assert!(!directory.receive(whole).wants_full);
         assert_eq!(directory.peers_known(), 1);
@@ -564,6 +613,47 @@ mod tests {
             ..change(7, vec![1], vec![])
         };
         assert!(!directory.receive(stranger).wants_full);
+    }
+
+    #[test]
+    fn a_late_update_is_ignored_and_a_silent_peers_set_expires() {
+        let update = |full, seq, added: Vec<u64>, removed: Vec<u64>| DirectoryUpdate {
+            node_id: 1,
+            incarnation: 7,
+            full,
+            added,
+            removed,
+            seq,
+        };
+        let mut view = View::default();
+        let t0 = Instant::now();
+        // A call withdrawing 5 failed (seq 3); the whole set that replaced
+        // it (seq 4) holds 5 again; then the failed call arrives after all.
+        assert!(!view.apply(update(true, 4, vec![5], vec![]), t0));
+        assert!(!view.apply(update(false, 3, vec![], vec![5]), t0));
+        assert!(view.wants(5, t0), "the late withdrawal changed nothing");
+        assert!(!view.wants(6, t0));
+        assert!(!view.apply(update(false, 5, vec![6], vec![]), t0));
+        assert!(view.wants(6, t0));
+
+        // Nothing heard for VIEW_TTL: the set is no longer trusted, and
+        // the next change asks for the whole set.
+        let later = t0 + VIEW_TTL;
+        assert!(view.wants(42, later));
+        assert!(view.apply(update(false, 6, vec![], vec![]), later));
+        assert!(!view.apply(update(true, 6, vec![5], vec![]), later));
+        assert!(!view.wants(42, later));
+    }
+
+    #[test]
+    fn a_forsaken_peer_keeps_nothing_and_is_not_waited_for() {
+        let directory = Directory::new(1, &[2, 3], 5);
+        directory.forsake(1);
+        directory.announced(10, Instant::now());
+        assert!(!directory.links[1].reachable.load(Ordering::Relaxed));
+        let local = lock(&directory.local);
+        assert!(local.pending[1].added.is_empty());
+        assert_eq!(local.pending[0].added.len(), 1);
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ const PEER_QUEUE: usize = 16_384;
 const BATCH: usize = 1024;
 /// Tries to deliver a batch that ends sessions (200 ms, 400 ms, … apart).
 const ENDED_ATTEMPTS: u32 = 5;
+/// Largest session-service message a node takes from a peer.
+const MAX_PEER_MESSAGE: usize = 64 << 20;
 /// How long one RPC may take before its batch is dropped.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most entry bytes one RPC carries; later news in the batch goes without
@@ -79,8 +81,14 @@ impl Events {
         let peers: Vec<PeerQueues> = peer_addrs
             .iter()
             .filter_map(|(node_id, addr)| {
+                let index = directory.peers().position(|peer| peer == *node_id);
                 let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| tracing::error!(%addr, error = %e, "bad peer address"))
+                    .map_err(|e| {
+                        tracing::error!(%addr, error = %e, "bad peer address");
+                        if let Some(index) = index {
+                            directory.forsake(index);
+                        }
+                    })
                     .ok()?
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true);
@@ -89,7 +97,7 @@ impl Events {
                 let client =
                     SessionPeerClient::with_interceptor(endpoint.connect_lazy(), tag.clone());
                 tokio::spawn(forward(client.clone(), advanced_rx, ended_rx));
-                if let Some(index) = directory.peers().position(|peer| peer == *node_id) {
+                if let Some(index) = index {
                     tokio::spawn(tell_directory(directory.clone(), index, client.clone()));
                 }
                 Some(PeerQueues {
@@ -197,10 +205,12 @@ impl Events {
         sessions: Arc<Sessions>,
         directory: Arc<Directory>,
     ) -> SessionPeerServer<Receiver> {
+        // A whole directory is about 9 bytes a user: room for millions.
         SessionPeerServer::new(Receiver {
             sessions,
             directory,
         })
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
     }
 }
 

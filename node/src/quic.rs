@@ -167,13 +167,8 @@ impl Conn {
                 pushes
             }
         };
-        let seen = self
-            .sessions
-            .bind(binding.user, self.id, binding.session, pushes.clone());
-        if seen > latest {
-            // News that came between the login's read and this binding.
-            pushes.notify(seen, None);
-        }
+        self.sessions
+            .bind(binding.user, self.id, binding.session, pushes, latest);
     }
 }
 

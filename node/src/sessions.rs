@@ -145,12 +145,15 @@ impl Sessions {
     }
 
     /// Binds connection `conn` to `session` of `user` (replacing an earlier
-    /// binding of the same connection). Returns the newest version of the
-    /// user's inbox heard of since the login said it expects the user (0:
-    /// none), which the connection's first Notify may not know.
-    pub fn bind(&self, user: UserId, conn: u64, session: u64, pushes: Arc<Pushes>) -> u64 {
+    /// binding of the same connection), whose login read `latest` as the
+    /// inbox's latest version. When news of a newer version came since the
+    /// login said it expects the user, the connection is notified of it.
+    pub fn bind(&self, user: UserId, conn: u64, session: u64, pushes: Arc<Pushes>, latest: u64) {
         let mut table = self.lock();
         let seen = table.expected.get(&user).map_or(0, |(_, version)| *version);
+        if seen > latest {
+            pushes.notify(seen, None);
+        }
         let bindings = table.by_user.entry(user).or_default();
         bindings.retain(|b| b.conn != conn);
         bindings.push(Binding {
@@ -158,7 +161,6 @@ impl Sessions {
             session,
             pushes,
         });
-        seen
     }
 
     /// Forgets connection `conn` of `user` (it closed).
@@ -252,9 +254,9 @@ mod tests {
             Arc::new(Pushes::default()),
             Arc::new(Pushes::default()),
         );
-        sessions.bind(7, 1, 100, p1.clone());
-        sessions.bind(7, 2, 200, p2.clone());
-        sessions.bind(8, 3, 300, p3.clone());
+        sessions.bind(7, 1, 100, p1.clone(), 0);
+        sessions.bind(7, 2, 200, p2.clone(), 0);
+        sessions.bind(8, 3, 300, p3.clone(), 0);
         sessions.inbox_advanced(7, 5, Some(entry(5)));
         let news = |event| match event {
             PushEvent::Notify(news) => (news.latest(), news.entries().len()),
@@ -277,24 +279,37 @@ mod tests {
     #[test]
     fn news_between_a_logins_read_and_its_binding_reaches_the_binding() {
         let sessions = Sessions::default();
-        let pushes = Arc::new(Pushes::default());
+        let pending = |pushes: &Pushes| pushes.lock().news.latest();
         sessions.inbox_advanced(7, 3, None);
         sessions.expect(7);
         // The login read version 3; version 4 commits before it binds.
         sessions.inbox_advanced(7, 4, None);
         sessions.inbox_advanced(8, 9, None);
-        assert_eq!(sessions.bind(7, 1, 100, pushes.clone()), 4);
-        assert_eq!(sessions.bind(8, 2, 200, pushes), 0, "8 was not expected");
+        let first = Arc::new(Pushes::default());
+        sessions.bind(7, 1, 100, first.clone(), 3);
+        assert_eq!(pending(&first), 4, "told of the version it missed");
+        let other = Arc::new(Pushes::default());
+        sessions.bind(8, 2, 200, other.clone(), 0);
+        assert!(other.lock().news.is_empty(), "8 was not expected");
+        let current = Arc::new(Pushes::default());
+        sessions.bind(7, 3, 300, current.clone(), 4);
+        assert!(current.lock().news.is_empty(), "its read was current");
 
         sessions.forget_expected(Instant::now() + EXPECTED_FOR / 2);
         sessions.inbox_advanced(7, 5, None);
-        assert_eq!(sessions.bind(7, 3, 300, Arc::new(Pushes::default())), 5);
+        let again = Arc::new(Pushes::default());
+        sessions.bind(7, 4, 400, again.clone(), 4);
+        assert_eq!(pending(&again), 5);
         sessions.forget_expected(Instant::now() + EXPECTED_FOR);
-        assert_eq!(
-            sessions.bind(7, 4, 400, Arc::new(Pushes::default())),
-            0,
+        assert!(
+            sessions.lock().expected.is_empty(),
             "forgotten after a while"
         );
+        sessions.inbox_advanced(7, 6, None);
+        let late = Arc::new(Pushes::default());
+        sessions.bind(7, 5, 500, late.clone(), 4);
+        assert!(late.lock().news.is_empty(), "nothing kept once forgotten");
+        assert_eq!(pending(&first), 6, "bound connections hear news as ever");
     }
 
     #[tokio::test]
