@@ -885,6 +885,39 @@ fn received(cluster: &Cluster) -> anyhow::Result<Vec<u64>> {
         .collect()
 }
 
+/// Alice, logged in on node 3 only.
+async fn alice_on_node_3(cluster: &Cluster) -> anyhow::Result<Client> {
+    let alice = Client::connect(config(cluster, &[3])?).await?;
+    alice.login("alice", PASSWORD, None).await?;
+    Ok(alice)
+}
+
+/// Alice sends ten messages to Carol (offline), then one to Bob, whose
+/// push stream then announces `bob_version`; returns the inbox events each
+/// node had received from its peers before and after.
+async fn to_carol_then_bob(
+    cluster: &Cluster,
+    alice: &Client,
+    (carol, bob): (u64, u64),
+    bob_pushes: &mut PushStream,
+    bob_version: u64,
+) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
+    let before = received(cluster)?;
+    send_many(
+        alice,
+        To::User(carol),
+        format!("to-carol-{bob_version}"),
+        10,
+    )
+    .await?;
+    send_many(alice, To::User(bob), format!("to-bob-{bob_version}"), 1).await?;
+    pushed_until(bob_pushes, bob_version, &mut BTreeMap::new()).await?;
+    // Bob's push shows the sender's events went out; give its queue to
+    // another node (had it one) time to flush as well.
+    tokio::time::sleep(EVENTS_SETTLE).await;
+    Ok((before, received(cluster)?))
+}
+
 #[test]
 fn inbox_events_go_only_to_nodes_holding_the_user_also_after_restarts() -> anyhow::Result<()> {
     let _one = one_cluster_at_a_time();
@@ -903,19 +936,14 @@ fn inbox_events_go_only_to_nodes_holding_the_user_also_after_restarts() -> anyho
     ))?;
     rt.block_on(login_on(&bob_conn, "bob", PASSWORD))?;
     let mut bob_pushes = rt.block_on(bob_conn.accept_push_stream())?;
-    let alice = rt.block_on(async {
-        let alice = Client::connect(config(&cluster, &[3])?).await?;
-        alice.login("alice", PASSWORD, None).await?;
-        anyhow::Ok(alice)
-    })?;
-    let before = received(&cluster)?;
-    rt.block_on(send_many(&alice, To::User(carol), "to-carol", 10))?;
-    rt.block_on(send_many(&alice, To::User(bob), "to-bob", 1))?;
-    rt.block_on(pushed_until(&mut bob_pushes, 1, &mut BTreeMap::new()))?;
-    // Bob's push shows node 3's events went out; give the queue to node 2
-    // (had it one) time to flush as well.
-    std::thread::sleep(EVENTS_SETTLE);
-    let after = received(&cluster)?;
+    let alice = rt.block_on(alice_on_node_3(&cluster))?;
+    let (before, after) = rt.block_on(to_carol_then_bob(
+        &cluster,
+        &alice,
+        (carol, bob),
+        &mut bob_pushes,
+        1,
+    ))?;
     ensure!(
         after[1] == before[1],
         "node 2 holds no session and was sent no inbox event: {before:?} -> {after:?}"
@@ -930,21 +958,18 @@ fn inbox_events_go_only_to_nodes_holding_the_user_also_after_restarts() -> anyho
     cluster.kill(3)?;
     cluster.start_node(3)?;
     cluster.wait_ready(3, READY)?;
-    let alice = rt.block_on(async {
-        let alice = Client::connect(config(&cluster, &[3])?).await?;
-        alice.login("alice", PASSWORD, None).await?;
-        anyhow::Ok(alice)
-    })?;
+    let alice = rt.block_on(alice_on_node_3(&cluster))?;
     rt.block_on(send_many(&alice, To::User(bob), "to-bob-again", 1))?;
     rt.block_on(pushed_until(&mut bob_pushes, 2, &mut BTreeMap::new()))?;
     // Within a keepalive it has the peers' sets again and stops.
     directories_known(&cluster)?;
-    let before = received(&cluster)?;
-    rt.block_on(send_many(&alice, To::User(carol), "to-carol-again", 10))?;
-    rt.block_on(send_many(&alice, To::User(bob), "to-bob-last", 1))?;
-    rt.block_on(pushed_until(&mut bob_pushes, 3, &mut BTreeMap::new()))?;
-    std::thread::sleep(EVENTS_SETTLE);
-    let after = received(&cluster)?;
+    let (before, after) = rt.block_on(to_carol_then_bob(
+        &cluster,
+        &alice,
+        (carol, bob),
+        &mut bob_pushes,
+        3,
+    ))?;
     ensure!(
         after[1] == before[1],
         "the restarted node sends node 2 nothing again: {before:?} -> {after:?}"

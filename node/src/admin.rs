@@ -2,6 +2,7 @@
 //! (Prometheus text).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
@@ -167,7 +168,7 @@ fn collect(state: &AdminState) -> NodeStatus {
         cluster_id: state.cluster.get().map(|c| c.cluster_id.clone()),
         meta_leader: state.host.status(META_GROUP).and_then(|s| s.leader),
         shards,
-        wal_syncs: stats.wal_syncs.load(std::sync::atomic::Ordering::Relaxed),
+        wal_syncs: stats.wal_syncs.load(Ordering::Relaxed),
         writes_per_sync: stats.writes_per_sync(),
         appends_per_peer_rpc: state.host.peer_stats().appends_per_rpc(),
     }
@@ -197,14 +198,19 @@ struct ShardLabel {
     shard: u32,
 }
 
+/// Registers a counter named `name` that reads `value`.
+fn counter(registry: &mut Registry, name: &str, help: &str, value: &AtomicU64) {
+    let counter = Counter::<u64>::default();
+    counter.inc_by(value.load(Ordering::Relaxed));
+    registry.register(name, help, counter);
+}
+
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut registry = Registry::with_prefix("fishchat");
     let is_leader = Family::<ShardLabel, Gauge>::default();
     let applied = Family::<ShardLabel, Gauge>::default();
     let committed = Family::<ShardLabel, Gauge>::default();
     let term = Family::<ShardLabel, Gauge>::default();
-    let wal_syncs = Counter::<u64>::default();
-    let synced_writes = Counter::<u64>::default();
     registry.register(
         "shard_is_leader",
         "1 when this node leads the shard",
@@ -221,12 +227,6 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         committed.clone(),
     );
     registry.register("shard_term", "Current Raft term", term.clone());
-    registry.register("wal_syncs", "WAL syncs performed", wal_syncs.clone());
-    registry.register(
-        "wal_synced_writes",
-        "Appends and votes made durable by WAL syncs",
-        synced_writes.clone(),
-    );
     for shard in 0..state.map.shard_count() {
         let Some(status) = state.host.status(group_of(shard)) else {
             continue;
@@ -241,27 +241,31 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         term.get_or_create(&label).set(gauge(status.term));
     }
     let stats = state.host.storage_stats();
-    wal_syncs.inc_by(stats.wal_syncs.load(std::sync::atomic::Ordering::Relaxed));
-    synced_writes.inc_by(
-        stats
-            .synced_writes
-            .load(std::sync::atomic::Ordering::Relaxed),
+    counter(
+        &mut registry,
+        "wal_syncs",
+        "WAL syncs performed",
+        &stats.wal_syncs,
     );
-    let peer_append_rpcs = Counter::<u64>::default();
-    let peer_appends = Counter::<u64>::default();
-    registry.register(
-        "peer_append_rpcs",
-        "Append exchanges with peers: Append requests and AppendStream messages (one may carry several groups' appends)",
-        peer_append_rpcs.clone(),
-    );
-    registry.register(
-        "peer_appends",
-        "Raft appends those exchanges carried",
-        peer_appends.clone(),
+    counter(
+        &mut registry,
+        "wal_synced_writes",
+        "Appends and votes made durable by WAL syncs",
+        &stats.synced_writes,
     );
     let peers = state.host.peer_stats();
-    peer_append_rpcs.inc_by(peers.append_rpcs.load(std::sync::atomic::Ordering::Relaxed));
-    peer_appends.inc_by(peers.appends.load(std::sync::atomic::Ordering::Relaxed));
+    counter(
+        &mut registry,
+        "peer_append_rpcs",
+        "Append exchanges with peers: Append requests and AppendStream messages (one may carry several groups' appends)",
+        &peers.append_rpcs,
+    );
+    counter(
+        &mut registry,
+        "peer_appends",
+        "Raft appends those exchanges carried",
+        &peers.appends,
+    );
     let requests = Family::<RequestLabel, Counter<u64>>::default();
     let bound = Gauge::<i64>::default();
     registry.register(
@@ -288,35 +292,24 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         peers_known.clone(),
     );
     peers_known.set(i64::try_from(directory.peers_known()).unwrap_or(i64::MAX));
-    let events_sent = Counter::<u64>::default();
-    let events_skipped = Counter::<u64>::default();
-    registry.register(
+    let stats = directory.stats();
+    counter(
+        &mut registry,
         "peer_inbox_events_sent",
         "Inbox events queued for peers that may hold a session of the user",
-        events_sent.clone(),
+        &stats.events_sent,
     );
-    registry.register(
+    counter(
+        &mut registry,
         "peer_inbox_events_skipped",
         "Inbox events not sent to a peer: the session directory says it holds no session of the user",
-        events_skipped.clone(),
+        &stats.events_skipped,
     );
-    let events_received = Counter::<u64>::default();
-    registry.register(
+    counter(
+        &mut registry,
         "peer_inbox_events_received",
         "Inbox events received from peers (one per user per batch)",
-        events_received.clone(),
-    );
-    let stats = directory.stats();
-    events_received.inc_by(
-        stats
-            .events_received
-            .load(std::sync::atomic::Ordering::Relaxed),
-    );
-    events_sent.inc_by(stats.events_sent.load(std::sync::atomic::Ordering::Relaxed));
-    events_skipped.inc_by(
-        stats
-            .events_skipped
-            .load(std::sync::atomic::Ordering::Relaxed),
+        &stats.events_received,
     );
     if let Some(rss) = resident_bytes() {
         let resident = Gauge::<i64>::default();

@@ -68,12 +68,14 @@ impl Node {
         let keys = tls::load(&settings.tls_dir)?;
         let map = ShardMap::new(settings.shards).context("a cluster needs at least one shard")?;
         let sessions = Arc::new(Sessions::default());
-        let peer_ids: Vec<u64> = settings
+        // Every other node: its id and the address to reach its peer port.
+        let other_peers: Vec<(u64, String)> = settings
             .peers
-            .keys()
-            .copied()
-            .filter(|id| *id != settings.node_id)
+            .iter()
+            .filter(|(id, _)| **id != settings.node_id)
+            .map(|(id, addr)| (*id, settings.peer_routes.get(id).unwrap_or(addr).clone()))
             .collect();
+        let peer_ids: Vec<u64> = other_peers.iter().map(|(id, _)| *id).collect();
         let directory = Arc::new(Directory::new(settings.node_id, &peer_ids, incarnation()?));
         let mut host_config =
             HostConfig::new(settings.node_id, &settings.data_dir, settings.peer_listen);
@@ -106,12 +108,6 @@ impl Node {
         // forming must still initialise its share; initialised shards refuse.
         form_cluster(&host, &settings).await?;
 
-        let other_peers: Vec<(u64, String)> = settings
-            .peers
-            .iter()
-            .filter(|(id, _)| **id != settings.node_id)
-            .map(|(id, addr)| (*id, settings.peer_routes.get(id).unwrap_or(addr).clone()))
-            .collect();
         let events = Arc::new(Events::new(
             sessions.clone(),
             directory,
@@ -286,8 +282,6 @@ async fn form_cluster(host: &GroupHost, settings: &Settings) -> anyhow::Result<(
     Ok(())
 }
 
-/// Records the data directory's identity on first use, and refuses a
-/// directory made for another node id or shard count.
 /// A random number naming this run of the process in the session directory.
 fn incarnation() -> anyhow::Result<u64> {
     let mut bytes = [0u8; 8];
@@ -296,6 +290,8 @@ fn incarnation() -> anyhow::Result<u64> {
     Ok(u64::from_be_bytes(bytes))
 }
 
+/// Records the data directory's identity on first use, and refuses a
+/// directory made for another node id or shard count.
 fn check_identity(settings: &Settings) -> anyhow::Result<()> {
     let path = settings.data_dir.join("identity.json");
     let wanted = Identity {
